@@ -1,0 +1,68 @@
+"""Errors raised inside the VMM.
+
+Each error has a ``kind`` that travels over RPC as the message prefix
+(``"io: ..."``), so the server can tell whose fault it was::
+
+    VmmError                      kind "internal"
+    ├── InvalidRequest            kind "invalid"   bad arguments from the caller
+    │   └── SnapshotFileError     kind "invalid"   a CPU/memory file that cannot be restored
+    ├── Conflict                  kind "conflict"  not possible in the VM's current state
+    ├── SnapshotIOError           kind "io"        the snapshot could not be written
+    └── QemuError                 kind "internal"  QEMU failed or misbehaved
+        └── QemuLaunchError                        QEMU did not start (carries evidence)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class VmmError(Exception):
+    """Base of every error the VMM reports."""
+
+    kind = "internal"
+
+    def rpc_message(self) -> str:
+        """Return the message sent to an RPC caller: ``"<kind>: <text>"``."""
+        return f"{self.kind}: {self}"
+
+
+class InvalidRequest(VmmError, ValueError):
+    """The caller asked for something malformed."""
+
+    kind = "invalid"
+
+
+class SnapshotFileError(InvalidRequest):
+    """A snapshot file is missing, damaged or does not belong to its pair."""
+
+
+class Conflict(VmmError):
+    """The request is not possible in the VM's current state."""
+
+    kind = "conflict"
+
+
+class SnapshotIOError(VmmError, OSError):
+    """Writing a snapshot failed (disk full, directory not writable, ...)."""
+
+    kind = "io"
+
+
+class QemuError(VmmError):
+    """QEMU failed, refused a command or went away."""
+
+
+class QemuLaunchError(QemuError):
+    """QEMU exited or stopped answering while starting."""
+
+    def __init__(
+        self, message: str, *, exit_code: int | None, argv: Sequence[str], log_tail: str
+    ):
+        self.exit_code = exit_code
+        self.argv = list(argv)
+        self.log_tail = log_tail
+        detail = f"{message} (exit code {exit_code})"
+        if log_tail:
+            detail += f"; QEMU said: {log_tail.strip()}"
+        super().__init__(detail)

@@ -1,0 +1,273 @@
+"""One QEMU process: its command line, its QMP channel, its RAM, its life and death.
+
+QemuMachine owns the process and everything made for it (guest RAM memfd,
+QMP socket pair, stderr capture). The monitor is one end of a ``socketpair()`` inherited by
+QEMU, so no socket path exists to race on or delete. QEMU gets
+``PR_SET_PDEATHSIG`` so it never outlives this process, even on SIGKILL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Self
+
+from qemu.qmp import ExecuteError, QMPError
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from vmmgate.vmm.errors import QemuError, QemuLaunchError
+
+log = logging.getLogger(__name__)
+
+QMP_TIMEOUT = 30.0
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_PR_SET_PDEATHSIG = 1
+
+
+def find_qemu() -> str:
+    """Return the QEMU binary (``VMMGATE_QEMU`` or qemu-system-x86_64 on PATH)."""
+    qemu = os.environ.get("VMMGATE_QEMU") or shutil.which("qemu-system-x86_64")
+    if not qemu:
+        raise QemuError(
+            "qemu-system-x86_64 not found: install the Debian package qemu-system-x86"
+        )
+    return qemu
+
+
+@dataclass(frozen=True)
+class NetSpec:
+    """The VM's network card: user-mode (SSH forwarded), a host tap device, or none."""
+
+    mode: str = "user"
+    tap: str | None = None
+    ssh_port: int | None = None
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """The virtual hardware; a restore must rebuild exactly the same."""
+
+    memory_mib: int
+    vcpus: int
+    accel: str
+    net: NetSpec
+    console_log: Path
+    machine: str = "pc"
+
+
+@dataclass(frozen=True)
+class KernelBoot:
+    """Direct kernel boot media."""
+
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+    starter: Path | None = None
+
+
+def _set_pdeathsig() -> None:
+    """In the child: die with the parent."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def build_argv(
+    qemu: str, spec: MachineSpec, ram_fd: int, qmp_fd: int,
+    boot: KernelBoot | None, incoming: bool,
+) -> list[str]:  # fmt: skip
+    """Return QEMU's command line (no shell is ever involved)."""
+    size = f"{spec.memory_mib}M"
+    argv = [
+        qemu,
+        "-name", "vmmgate",
+        "-machine", f"{spec.machine},accel={spec.accel},memory-backend=ram",
+        "-m", size,
+        "-smp", str(spec.vcpus),
+        "-object", (f"memory-backend-file,id=ram,size={size},"
+                    f"mem-path=/proc/self/fd/{ram_fd},share=on"),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-sandbox", SANDBOX,
+        "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=ser0,path={spec.console_log}", "-serial", "chardev:ser0",
+    ]  # fmt: skip
+    if spec.net.mode == "user":
+        fwd = (
+            f",hostfwd=tcp:127.0.0.1:{spec.net.ssh_port}-:22"
+            if spec.net.ssh_port
+            else ""
+        )
+        argv += ["-netdev", f"user,id=net0{fwd}"]
+    elif spec.net.mode == "tap":
+        argv += [
+            "-netdev",
+            f"tap,id=net0,ifname={spec.net.tap},script=no,downscript=no",
+        ]
+    if spec.net.mode != "none":
+        argv += ["-device", "virtio-net-pci,netdev=net0,romfile="]
+    if boot is not None:
+        argv += ["-kernel", str(boot.kernel), "-append", boot.cmdline]
+        if boot.initrd:
+            argv += ["-initrd", str(boot.initrd)]
+        if boot.starter:
+            from vmmgate.guest.initscript import FW_CFG_STARTER
+
+            argv += ["-fw_cfg", f"name={FW_CFG_STARTER},file={boot.starter}"]
+    if incoming:
+        argv += ["-incoming", "defer", "-S"]
+    return argv
+
+
+class QemuMachine:
+    """Owns one QEMU process and its monitor; launch once, shut down any number of times."""
+
+    def __init__(self, spec: MachineSpec, boot: KernelBoot | None = None,
+                 incoming: bool = False, qemu: str | None = None):  # fmt: skip
+        self.spec = spec
+        # Guest RAM: an unlinked shared memfd, so nothing is left on disk if we die.
+        self.ram_fd = os.memfd_create("vmmgate-ram", os.MFD_CLOEXEC)
+        self.boot = boot
+        self.incoming = incoming
+        self.qemu = qemu or find_qemu()
+        self.argv: list[str] = []
+        self._proc: subprocess.Popen | None = None
+        self._qmp: QEMUMonitorProtocol | None = None
+        self._stderr = os.memfd_create("qemu-stderr", os.MFD_CLOEXEC)
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's pid while it runs."""
+        return self._proc.pid if self._proc else None
+
+    def launch(self) -> None:
+        """Start QEMU and connect to its monitor; raise QemuLaunchError with evidence on failure."""
+        if self._proc is not None:
+            raise QemuError("this QEMU machine was already launched")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.argv = build_argv(self.qemu, self.spec, self.ram_fd, theirs.fileno(), self.boot,
+                               self.incoming)  # fmt: skip
+        log.debug("starting QEMU: %s", self.argv)
+        try:
+            self._proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+                pass_fds=(theirs.fileno(), self.ram_fd), preexec_fn=_set_pdeathsig,  # noqa: PLW1509 - no threads here
+            )  # fmt: skip
+        except OSError as exc:
+            ours.close()
+            raise QemuLaunchError(f"cannot run {self.qemu}: {exc}", exit_code=None,
+                                  argv=self.argv, log_tail="") from exc  # fmt: skip
+        finally:
+            theirs.close()
+        try:
+            self._qmp = QEMUMonitorProtocol(ours)
+            self._qmp.connect(negotiate=True)
+            self._qmp.settimeout(QMP_TIMEOUT)
+        except (QMPError, OSError, EOFError) as exc:
+            self.kill()
+            raise QemuLaunchError("QEMU did not start", exit_code=self.exit_code,
+                                  argv=self.argv, log_tail=self.log_tail()) from exc  # fmt: skip
+
+    def qmp(self, command: str, **args: object) -> object:
+        """Run a QMP command; raise QemuError if QEMU refuses it or is gone."""
+        if self._qmp is None:
+            raise QemuError("QEMU is not running")
+        try:
+            return self._qmp.cmd(command, **args)
+        except ExecuteError as exc:
+            raise QemuError(f"QEMU refused {command}: {exc.error.desc}") from exc
+        except (QMPError, OSError, EOFError, TimeoutError) as exc:
+            raise QemuError(f"lost QEMU's monitor during {command}: {exc!r}") from exc
+
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand ``fd`` to QEMU under ``name`` (QMP getfd over SCM_RIGHTS)."""
+        if self._qmp is None:
+            raise QemuError("QEMU is not running")
+        self._qmp.send_fd_scm(fd)
+        self.qmp("getfd", fdname=name)
+
+    def poll(self) -> int | None:
+        """Return QEMU's exit code if it has exited, else None."""
+        if self._proc is not None and self.exit_code is None:
+            self.exit_code = self._proc.poll()
+        return self.exit_code
+
+    def log_tail(self, limit: int = 2000) -> str:
+        """Return the end of what QEMU wrote to stdout/stderr."""
+        size = os.fstat(self._stderr).st_size
+        return os.pread(self._stderr, limit, max(0, size - limit)).decode(
+            errors="replace"
+        )
+
+    def kill(self) -> None:
+        """Kill QEMU now (idempotent) and reap it."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        if self._proc is not None:
+            self.exit_code = self._proc.wait()
+        self._close_qmp()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop QEMU: ask (QMP quit), wait, then kill. Safe when nothing runs."""
+        try:
+            if (
+                self._proc is not None
+                and self._proc.poll() is None
+                and self._qmp is not None
+            ):
+                try:
+                    self._qmp.cmd("quit")
+                except Exception as exc:  # noqa: BLE001 - QEMU may close the monitor first
+                    log.debug("quit: %r", exc)
+                try:
+                    self.exit_code = self._proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning(
+                        "QEMU %s ignored quit for %.0f s; killing it", self.pid, timeout
+                    )
+        finally:
+            self.kill()
+
+    def _close_qmp(self) -> None:
+        """Drop the monitor connection."""
+        if self._qmp is not None:
+            qmp, self._qmp = self._qmp, None
+            try:
+                qmp.close()
+            except Exception as exc:  # noqa: BLE001 - the peer is gone; nothing to close cleanly
+                log.debug("closing QMP: %r", exc)
+
+    def close(self) -> None:
+        """Shut down and release guest RAM and the stderr capture."""
+        self.shutdown()
+        for fd in (self._stderr, self.ram_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._stderr = self.ram_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_for(
+    predicate, timeout: float, interval: float = 0.002, what: str = "condition"
+) -> object:
+    """Poll ``predicate`` until it returns a truthy value; QemuError after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise QemuError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

@@ -1,0 +1,93 @@
+"""The VMM's MessagePack-RPC server (msgpack-rpc-python on tornado).
+
+The library's own transport listens on every interface; this one serves a
+socket we bound to 127.0.0.1 ourselves, or one inherited from the launcher
+(``--listen-fd``), so no other host can reach a VM's control port.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+
+import msgpackrpc
+from msgpackrpc.transport import tcp
+
+from vmmgate.vmm.errors import VmmError
+
+log = logging.getLogger(__name__)
+
+
+class _SocketTransport(tcp.ServerTransport):
+    """A server transport over an already-listening socket."""
+
+    def __init__(self, sock: socket.socket, encodings: tuple):
+        self._sock = sock
+        self._encodings = encodings
+
+    def listen(self, server: msgpackrpc.Server) -> None:
+        """Start accepting connections on the socket in the server's loop."""
+        self._server = server
+        self._mp_server = tcp.MessagePackServer(
+            self, io_loop=server._loop._ioloop, encodings=self._encodings
+        )
+        self._mp_server.add_socket(self._sock)
+
+
+def listening_socket(port: int, listen_fd: int | None) -> socket.socket:
+    """Return the RPC socket: inherited from ``listen_fd``, or bound to 127.0.0.1:port."""
+    if listen_fd is not None:
+        sock = socket.socket(fileno=listen_fd)
+        host, bound = sock.getsockname()[:2]
+        if bound != port or not host.startswith("127."):
+            raise VmmError(
+                f"--listen-fd {listen_fd} is bound to {host}:{bound}, not 127.0.0.1:{port}"
+            )
+        sock.setblocking(False)
+        return sock
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise VmmError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class Dispatcher:
+    """Exposes ``handlers`` as RPC methods, turning errors into ``"kind: message"``."""
+
+    def __init__(self, handlers: dict[str, Callable]):
+        for name, handler in handlers.items():
+            setattr(self, name, self._wrap(name, handler))
+
+    @staticmethod
+    def _wrap(name: str, handler: Callable) -> Callable:
+        def call(*args: object) -> object:
+            try:
+                return handler(*args)
+            except VmmError as exc:
+                log.warning("%s failed: %s", name, exc)
+                raise RuntimeError(exc.rpc_message()) from exc
+            except TypeError as exc:
+                raise RuntimeError(f"invalid: bad arguments for {name}: {exc}") from exc
+            except Exception as exc:
+                log.exception("%s failed unexpectedly", name)
+                raise RuntimeError(f"internal: {name} failed: {exc!r}") from exc
+
+        return call
+
+
+def make_server(
+    loop: msgpackrpc.Loop, sock: socket.socket, dispatcher: Dispatcher
+) -> msgpackrpc.Server:
+    """Return an RPC server answering on ``sock`` within ``loop``."""
+    server = msgpackrpc.Server(dispatcher, loop=loop, unpack_encoding="utf-8")
+    transport = _SocketTransport(sock, server._encodings)
+    transport.listen(server)
+    server._listeners.append(transport)
+    return server

@@ -1,0 +1,185 @@
+"""Write a paused VM to a snapshot pair, and feed a pair back into a new QEMU.
+
+Guest RAM is never part of QEMU's migration stream: with ``x-ignore-shared``
+QEMU skips the shared RAM block and writes only vCPU and device state, to a
+descriptor we hand it (``fd:`` URI, so no shell is involved). This module
+copies the RAM itself. Both files are written unnamed and renamed into place
+only once complete and synced (atomic.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from vmmgate.vmm import ramcopy
+from vmmgate.vmm.atomic import AtomicFile
+from vmmgate.vmm.errors import InvalidRequest, SnapshotFileError, SnapshotIOError
+from vmmgate.vmm.machine import QemuMachine, wait_for
+from vmmgate.vmm.snapfile import (
+    STREAM_OFFSET,
+    CpuHeader,
+    cpu_header_block,
+    memory_trailer_block,
+)
+
+MIGRATION_TIMEOUT = 120.0
+_FD_NAME = "vmmgate-state"
+#: Room kept free beyond the estimated size, for the device state and metadata.
+DISK_SLACK = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    """A snapshot that was written: where, which, and how big."""
+
+    cpu_path: Path
+    memory_path: Path
+    snapshot_id: str
+    stream_length: int
+    ram_bytes_written: int
+    seconds: float
+
+
+def enable_ignore_shared(machine: QemuMachine) -> None:
+    """Keep the shared RAM block out of the migration stream (both directions)."""
+    machine.qmp(
+        "migrate-set-capabilities",
+        capabilities=[{"capability": "x-ignore-shared", "state": True}],
+    )
+
+
+def _migration_outcome(machine: QemuMachine) -> dict:
+    """Wait until the current migration has ended; return query-migrate's answer."""
+
+    def ended() -> dict | None:
+        info = machine.qmp("query-migrate")
+        return (
+            info if info.get("status") in ("completed", "failed", "cancelled") else None
+        )
+
+    return wait_for(ended, MIGRATION_TIMEOUT, what="QEMU's migration to finish")
+
+
+def save_device_state(machine: QemuMachine, fd: int) -> int:
+    """Have QEMU write its device state into ``fd`` from STREAM_OFFSET; return its length."""
+    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
+    machine.send_fd(fd, _FD_NAME)
+    machine.qmp("migrate", uri=f"fd:{_FD_NAME}")
+    info = _migration_outcome(machine)
+    if info["status"] != "completed":
+        reason = info.get("error-desc", info["status"])
+        raise SnapshotIOError(f"QEMU could not write the device state: {reason}")
+    return os.fstat(fd).st_size - STREAM_OFFSET
+
+
+def load_device_state(machine: QemuMachine, fd: int) -> None:
+    """Feed the device state in ``fd`` (from STREAM_OFFSET) to an ``-incoming defer`` QEMU."""
+    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
+    machine.send_fd(fd, _FD_NAME)
+    machine.qmp("migrate-incoming", uri=f"fd:{_FD_NAME}")
+    info = _migration_outcome(machine)
+    if info["status"] != "completed":
+        raise SnapshotFileError(
+            "QEMU could not load the CPU snapshot: "
+            f"{info.get('error-desc', info['status'])}; {machine.log_tail(500).strip()}"
+        )
+
+
+def _stream_sha256(fd: int, length: int) -> str:
+    """Return the SHA-256 of the device state just written."""
+    digest = hashlib.sha256()
+    offset = STREAM_OFFSET
+    end = STREAM_OFFSET + length
+    while offset < end:
+        chunk = os.pread(fd, min(1 << 20, end - offset), offset)
+        if not chunk:
+            break
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.hexdigest()
+
+
+def check_targets(cpu_path: Path, memory_path: Path, need_bytes: int) -> None:
+    """Refuse targets that cannot work before the VM is paused."""
+    if cpu_path == memory_path:
+        raise InvalidRequest("the CPU and memory snapshot paths are the same file")
+    for path in {cpu_path.parent, memory_path.parent}:
+        if not path.is_dir():
+            raise SnapshotIOError(
+                f"cannot write a snapshot into {str(path)!r}: no such directory"
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SnapshotIOError(
+                f"cannot write a snapshot into {str(path)!r}: permission denied"
+            )
+    for path in (cpu_path, memory_path):
+        if path.exists() and not path.is_file():
+            raise InvalidRequest(f"{str(path)!r} exists and is not a regular file")
+    stats = os.statvfs(memory_path.parent)
+    free = stats.f_bavail * stats.f_frsize
+    if free < need_bytes:
+        raise SnapshotIOError(
+            f"not enough free space in {str(memory_path.parent)!r} for the snapshot: "
+            f"need about {need_bytes >> 20} MiB, {free >> 20} MiB free",
+        )
+
+
+def size_estimate(machine: QemuMachine) -> int:
+    """Return about how many bytes a snapshot of ``machine`` will take on disk."""
+    return os.fstat(machine.ram_fd).st_blocks * 512 + DISK_SLACK
+
+
+def write_snapshot(
+    machine: QemuMachine, cpu_path: Path, memory_path: Path,
+    describe: dict,
+) -> SnapshotResult:  # fmt: skip
+    """Write the paused VM to a new pair at the two paths; all or nothing.
+
+    ``describe`` holds the header fields the VM knows (vcpus, machine, accel, net,
+    qemu_version).
+    """
+    started = time.perf_counter()
+    memory_size = machine.spec.memory_mib * 1024 * 1024
+    snapshot_id = uuid.uuid4().hex
+    try:
+        with AtomicFile(cpu_path) as cpu_file, AtomicFile(memory_path) as mem_file:
+            stream_length = save_device_state(machine, cpu_file.fd)
+            written = ramcopy.sparse_copy(machine.ram_fd, mem_file.fd, memory_size)
+            os.ftruncate(mem_file.fd, memory_size)
+            os.pwrite(
+                mem_file.fd, memory_trailer_block(snapshot_id, memory_size), memory_size
+            )
+            header = CpuHeader(
+                snapshot_id=snapshot_id,
+                memory_size=memory_size,
+                created=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                stream_length=stream_length,
+                stream_sha256=_stream_sha256(cpu_file.fd, stream_length),
+                **describe,
+            )
+            os.pwrite(cpu_file.fd, cpu_header_block(header), 0)
+            # Memory first: a crash between the renames leaves a pair that is refused
+            # as mismatched, never a CPU file that points at the wrong RAM silently.
+            mem_file.commit()
+            cpu_file.commit()
+    except OSError as exc:
+        if isinstance(exc, SnapshotIOError):
+            raise
+        raise SnapshotIOError(
+            f"cannot write the snapshot to {str(cpu_path)!r} and {str(memory_path)!r}: "
+            f"{exc.strerror or exc}"
+        ) from exc
+    return SnapshotResult(
+        cpu_path=cpu_path,
+        memory_path=memory_path,
+        snapshot_id=snapshot_id,
+        stream_length=stream_length,
+        ram_bytes_written=written,
+        seconds=time.perf_counter() - started,
+    )

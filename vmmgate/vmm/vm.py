@@ -1,0 +1,253 @@
+"""The VM this VMM runs: boot or restore, pause, resume, snapshot, status.
+
+One VirtualMachine per VMM process. Its state is explicit (VmState) and every
+operation checks it first, so "pause a paused VM" is a clean Conflict rather
+than whatever QEMU happens to answer.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vmmgate.vmm import accel as accel_mod
+from vmmgate.vmm import ramcopy
+from vmmgate.vmm import snapshot as snap
+from vmmgate.vmm.errors import Conflict, InvalidRequest
+from vmmgate.vmm.machine import (
+    KernelBoot,
+    MachineSpec,
+    NetSpec,
+    QemuMachine,
+    find_qemu,
+)
+from vmmgate.vmm.snapfile import CpuHeader, open_pair
+
+log = logging.getLogger(__name__)
+
+
+class VmState(str, enum.Enum):
+    """What the guest is doing."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where the VM came from: a kernel, or a snapshot pair."""
+
+    kind: str
+    kernel: str | None = None
+    cpu_path: str | None = None
+    memory_path: str | None = None
+    snapshot_id: str | None = None
+
+
+def free_local_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (for QEMU's SSH forward)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_tap(name: str) -> None:
+    """Refuse a tap device that does not exist (QEMU would silently create one)."""
+    if not Path("/sys/class/net", name).exists():
+        raise InvalidRequest(f"tap device {name!r} does not exist on this host")
+
+
+def network_for(tap: str | None, net_mode: str) -> NetSpec:
+    """Return the network card for a new VM."""
+    if tap:
+        check_tap(tap)
+        return NetSpec(mode="tap", tap=tap)
+    if net_mode == "user":
+        return NetSpec(mode="user", ssh_port=free_local_port())
+    return NetSpec(mode="none")
+
+
+class VirtualMachine:
+    """A running QEMU guest and the operations the VMM offers on it."""
+
+    def __init__(self, machine: QemuMachine, origin: Origin):
+        self.machine = machine
+        self.origin = origin
+        self.state = VmState.RUNNING
+        self.started = time.time()
+        self.snapshots_taken = 0
+        self._qemu_version: str | None = None
+
+    @classmethod
+    def boot(cls, boot: KernelBoot, memory_mib: int, vcpus: int, console_log: Path,
+             tap: str | None = None, net_mode: str = "user", accel: str = "auto") -> VirtualMachine:  # fmt: skip
+        """Boot a fresh guest from a kernel."""
+        for label, path in (("kernel", boot.kernel), ("initrd", boot.initrd),
+                            ("starter file", boot.starter)):  # fmt: skip
+            if path is not None and not Path(path).is_file():
+                raise InvalidRequest(
+                    f"{label} {str(path)!r} does not exist or is not a file"
+                )
+        machine_accel = accel_mod.choose_accel(accel, find_qemu(), boot.kernel)
+        net = network_for(tap, net_mode)
+        spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=machine_accel, net=net,
+                           console_log=console_log)  # fmt: skip
+        machine = QemuMachine(spec, boot=boot)
+        try:
+            machine.launch()
+            snap.enable_ignore_shared(machine)
+        except BaseException:
+            machine.close()
+            raise
+        return cls(machine, Origin(kind="kernel", kernel=str(boot.kernel)))
+
+    @classmethod
+    def restore(cls, cpu_path: Path, memory_path: Path, console_log: Path,
+                tap: str | None = None, accel: str = "auto") -> VirtualMachine:  # fmt: skip
+        """Restore a guest from a snapshot pair; the files are only read, never changed."""
+        header, cpu_fd, mem_fd = open_pair(cpu_path, memory_path)
+        try:
+            net = _restore_network(header, tap)
+            wanted = header.accel if accel == "auto" else accel
+            spec = MachineSpec(
+                memory_mib=header.memory_mib, vcpus=header.vcpus,
+                accel=accel_mod.choose_accel(wanted, find_qemu(), None), net=net,
+                console_log=console_log, machine=header.machine,
+            )  # fmt: skip
+            machine = QemuMachine(spec, incoming=True)
+            try:
+                # Only the data extents are copied, in the kernel; the file is
+                # only read, so one snapshot can be restored any number of times.
+                ramcopy.load_into(mem_fd, machine.ram_fd, header.memory_size)
+                machine.launch()
+                snap.enable_ignore_shared(machine)
+                snap.load_device_state(machine, cpu_fd)
+                machine.qmp("cont")
+            except BaseException:
+                machine.close()
+                raise
+        finally:
+            os.close(cpu_fd)
+            os.close(mem_fd)
+        origin = Origin(kind="snapshot", cpu_path=str(cpu_path), memory_path=str(memory_path),
+                        snapshot_id=header.snapshot_id)  # fmt: skip
+        return cls(machine, origin)
+
+    def pause(self) -> None:
+        """Pause the guest's vCPUs."""
+        if self.state is VmState.PAUSED:
+            raise Conflict("the VM is already paused")
+        self.machine.qmp("stop")
+        self.state = VmState.PAUSED
+
+    def resume(self) -> None:
+        """Let a paused guest run again."""
+        if self.state is VmState.RUNNING:
+            raise Conflict("the VM is already running")
+        self.machine.qmp("cont")
+        self.state = VmState.RUNNING
+
+    def snapshot(
+        self, cpu_path: Path, memory_path: Path, resume: bool
+    ) -> snap.SnapshotResult:
+        """Snapshot to the two paths, then run on (``resume``) or stay paused.
+
+        On failure the VM is left as it was before the call.
+        """
+        snap.check_targets(cpu_path, memory_path, snap.size_estimate(self.machine))
+        was_running = self.state is VmState.RUNNING
+        if was_running:
+            self.machine.qmp("stop")
+            self.state = VmState.PAUSED
+        try:
+            result = snap.write_snapshot(
+                self.machine, cpu_path, memory_path, self._describe()
+            )
+        except BaseException:
+            if was_running and self.machine.poll() is None:
+                self.machine.qmp("cont")
+                self.state = VmState.RUNNING
+            raise
+        self.snapshots_taken += 1
+        if resume:
+            self.machine.qmp("cont")
+            self.state = VmState.RUNNING
+        log.info(
+            "snapshot %s written in %.0f ms", result.snapshot_id, result.seconds * 1000
+        )
+        return result
+
+    def _describe(self) -> dict:
+        """Header fields this VM contributes to a CPU file."""
+        spec = self.machine.spec
+        return {
+            "vcpus": spec.vcpus,
+            "machine": self._machine_type(),
+            "accel": spec.accel,
+            "net": spec.net.mode,
+            "qemu_version": self.qemu_version(),
+        }
+
+    def _machine_type(self) -> str:
+        """Resolve an alias such as ``pc`` to the versioned type QEMU runs (pc-i440fx-7.2)."""
+        wanted = self.machine.spec.machine
+        for entry in self.machine.qmp("query-machines"):
+            if entry.get("alias") == wanted:
+                self.machine.spec = replace(self.machine.spec, machine=entry["name"])
+                return entry["name"]
+        return wanted
+
+    def qemu_version(self) -> str:
+        """QEMU's version string."""
+        if self._qemu_version is None:
+            info = self.machine.qmp("query-version")["qemu"]
+            self._qemu_version = f"{info['major']}.{info['minor']}.{info['micro']}"
+        return self._qemu_version
+
+    def status(self) -> dict:
+        """Describe the VM for the ``status`` RPC."""
+        spec = self.machine.spec
+        origin = {k: v for k, v in vars(self.origin).items() if v is not None}
+        return {
+            "state": self.state.value,
+            "qemu_pid": self.machine.pid,
+            "memory_mib": spec.memory_mib,
+            "vcpus": spec.vcpus,
+            "accel": spec.accel,
+            "machine": spec.machine,
+            "net": spec.net.mode,
+            "tap": spec.net.tap,
+            "ssh_port": spec.net.ssh_port,
+            "console_log": str(spec.console_log),
+            "origin": origin,
+            "uptime_s": round(time.time() - self.started, 3),
+            "snapshots_taken": self.snapshots_taken,
+        }
+
+    def close(self) -> None:
+        """Stop QEMU and release guest RAM."""
+        self.machine.close()
+
+
+def _restore_network(header: CpuHeader, tap: str | None) -> NetSpec:
+    """Rebuild the snapshot's network card; its kind must match (QEMU checks the state)."""
+    if header.net == "tap":
+        if not tap:
+            raise InvalidRequest(
+                "this snapshot was taken with a tap device: give one to restore it"
+            )
+        check_tap(tap)
+        return NetSpec(mode="tap", tap=tap)
+    if tap:
+        raise InvalidRequest(
+            f"this snapshot was taken with {header.net!r} networking; it cannot be restored "
+            "onto a tap device"
+        )
+    if header.net == "user":
+        return NetSpec(mode="user", ssh_port=free_local_port())
+    return NetSpec(mode="none")
