@@ -7,18 +7,20 @@ restore:    --cpu_path CPU_SNAPSHOT --memory_path MEMORY_SNAPSHOT --port PORT
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from vmmgate.state import guest_dir
-from vmmgate.vmm import runner
+from vmmgate.vmm import exitcodes
 from vmmgate.vmm.accel import ACCELS
 from vmmgate.vmm.errors import InvalidRequest, VmmError
+from vmmgate.vmm.listener import listening_socket
 from vmmgate.vmm.machine import KernelBoot
-from vmmgate.vmm.rpcserver import listening_socket
 from vmmgate.vmm.vm import VirtualMachine
 
 log = logging.getLogger("vmmgate.vmm")
@@ -152,20 +154,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     # A file-size limit must surface as EFBIG, not kill us (or QEMU, which inherits this).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # The RPC stack (tornado) takes ~100 ms to import; do that while QEMU starts,
+    # since a restore is mostly waiting on QEMU and the kernel. The VMM never
+    # speaks TLS, so tornado need not load the system CA bundle at import.
+    os.environ["SSL_CERT_FILE"] = os.devnull
+    importer = threading.Thread(
+        target=importlib.import_module, args=("vmmgate.vmm.runner",)
+    )
+    importer.start()
     try:
         sock = listening_socket(args.port, args.listen_fd)
     except VmmError as exc:
         log.error("%s", exc)
-        return runner.EXIT_START_FAILED
+        return exitcodes.START_FAILED
     try:
         vm = start_vm(args)
     except InvalidRequest as exc:
         log.error("cannot start the VM: %s", exc)
-        return runner.EXIT_BAD_INPUT
+        return exitcodes.BAD_INPUT
     except VmmError as exc:
         log.error("cannot start the VM: %s", exc)
-        return runner.EXIT_START_FAILED
+        return exitcodes.START_FAILED
     log.info("VM %s (%s, %s MiB, QEMU pid %s); RPC on 127.0.0.1:%d",
              vm.origin.kind, vm.machine.spec.accel, vm.machine.spec.memory_mib,
              vm.machine.pid, args.port)  # fmt: skip
+    importer.join()
+    from vmmgate.vmm import runner
+
     return runner.VmmService(vm, sock, args.port).run()

@@ -133,12 +133,14 @@ class QemuMachine:
         self.spec = spec
         # Guest RAM: an unlinked shared memfd, so nothing is left on disk if we die.
         self.ram_fd = os.memfd_create("vmmgate-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.ram_fd, spec.memory_mib * 1024 * 1024)
         self.boot = boot
         self.incoming = incoming
         self.qemu = qemu or find_qemu()
         self.argv: list[str] = []
         self._proc: subprocess.Popen | None = None
         self._qmp: QEMUMonitorProtocol | None = None
+        self._qmp_sock: socket.socket | None = None
         self._stderr = os.memfd_create("qemu-stderr", os.MFD_CLOEXEC)
         self.exit_code: int | None = None
 
@@ -149,16 +151,27 @@ class QemuMachine:
 
     def launch(self) -> None:
         """Start QEMU and connect to its monitor; raise QemuLaunchError with evidence on failure."""
+        self.start()
+        self.connect()
+
+    def start(self) -> None:
+        """Start the QEMU process (``connect`` must follow)."""
         if self._proc is not None:
             raise QemuError("this QEMU machine was already launched")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._qmp_sock = ours
         self.argv = build_argv(self.qemu, self.spec, self.ram_fd, theirs.fileno(), self.boot,
                                self.incoming)  # fmt: skip
         log.debug("starting QEMU: %s", self.argv)
+        setpriv = shutil.which("setpriv")
         try:
+            # QEMU dies with us (parent-death signal), also when we are SIGKILLed.
+            # setpriv sets it without running Python in the forked child.
             self._proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
-                pass_fds=(theirs.fileno(), self.ram_fd), preexec_fn=_set_pdeathsig,  # noqa: PLW1509 - no threads here
+                [setpriv, "--pdeathsig", "KILL", "--", *self.argv] if setpriv else self.argv,
+                stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
+                pass_fds=(theirs.fileno(), self.ram_fd),
+                preexec_fn=None if setpriv else _set_pdeathsig,  # noqa: PLW1509 - fallback only
             )  # fmt: skip
         except OSError as exc:
             ours.close()
@@ -166,8 +179,11 @@ class QemuMachine:
                                   argv=self.argv, log_tail="") from exc  # fmt: skip
         finally:
             theirs.close()
+
+    def connect(self) -> None:
+        """Connect to the started QEMU's monitor; on failure kill it and raise with evidence."""
         try:
-            self._qmp = QEMUMonitorProtocol(ours)
+            self._qmp = QEMUMonitorProtocol(self._qmp_sock)
             self._qmp.connect(negotiate=True)
             self._qmp.settimeout(QMP_TIMEOUT)
         except (QMPError, OSError, EOFError) as exc:

@@ -1,8 +1,8 @@
 """The VMM's MessagePack-RPC server (msgpack-rpc-python on tornado).
 
-The library's own transport listens on every interface; this one serves a
-socket we bound to 127.0.0.1 ourselves, or one inherited from the launcher
-(``--listen-fd``), so no other host can reach a VM's control port.
+The library's own transport listens on every interface; this one serves the
+socket from listener.py (127.0.0.1 only), so no other host can reach a VM's
+control port.
 """
 
 from __future__ import annotations
@@ -33,29 +33,6 @@ class _SocketTransport(tcp.ServerTransport):
             self, io_loop=server._loop._ioloop, encodings=self._encodings
         )
         self._mp_server.add_socket(self._sock)
-
-
-def listening_socket(port: int, listen_fd: int | None) -> socket.socket:
-    """Return the RPC socket: inherited from ``listen_fd``, or bound to 127.0.0.1:port."""
-    if listen_fd is not None:
-        sock = socket.socket(fileno=listen_fd)
-        host, bound = sock.getsockname()[:2]
-        if bound != port or not host.startswith("127."):
-            raise VmmError(
-                f"--listen-fd {listen_fd} is bound to {host}:{bound}, not 127.0.0.1:{port}"
-            )
-        sock.setblocking(False)
-        return sock
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError as exc:
-        sock.close()
-        raise VmmError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from exc
-    sock.listen(128)
-    sock.setblocking(False)
-    return sock
 
 
 class Dispatcher:

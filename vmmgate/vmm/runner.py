@@ -16,16 +16,13 @@ from pathlib import Path
 import msgpackrpc
 from tornado import ioloop
 
+from vmmgate.vmm import exitcodes
 from vmmgate.vmm.errors import InvalidRequest
 from vmmgate.vmm.rpcserver import Dispatcher, make_server
 from vmmgate.vmm.vm import VirtualMachine
 
 log = logging.getLogger(__name__)
 
-EXIT_OK = 0
-EXIT_START_FAILED = 1
-EXIT_QEMU_DIED = 3
-EXIT_BAD_INPUT = 4
 WATCHDOG_MS = 100
 
 
@@ -44,7 +41,7 @@ class VmmService:
     def __init__(self, vm: VirtualMachine, sock: socket.socket, port: int):
         self.vm = vm
         self.port = port
-        self.exit_code = EXIT_OK
+        self.exit_code = exitcodes.OK
         self.loop = msgpackrpc.Loop(ioloop.IOLoop())
         self.server = make_server(self.loop, sock, Dispatcher({
             "snapshot_and_pause": self.snapshot_and_pause,
@@ -91,7 +88,7 @@ class VmmService:
 
     # Loop --------------------------------------------------------------------
 
-    def stop(self, exit_code: int = EXIT_OK) -> None:
+    def stop(self, exit_code: int = exitcodes.OK) -> None:
         """End the loop; ``run`` then returns ``exit_code``."""
         self.exit_code = exit_code
         self.loop.stop()
@@ -103,11 +100,11 @@ class VmmService:
             return
         if code == 0:
             log.info("the guest powered off")
-            self.stop(EXIT_OK)
+            self.stop(exitcodes.OK)
         else:
             log.error("QEMU exited unexpectedly with status %s: %s", code,
                       self.vm.machine.log_tail(500).strip())  # fmt: skip
-            self.stop(EXIT_QEMU_DIED)
+            self.stop(exitcodes.QEMU_DIED)
 
     def run(self) -> int:
         """Serve until the VM ends; always stop QEMU; return the exit code."""

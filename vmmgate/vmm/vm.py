@@ -121,10 +121,13 @@ class VirtualMachine:
             )  # fmt: skip
             machine = QemuMachine(spec, incoming=True)
             try:
-                # Only the data extents are copied, in the kernel; the file is
-                # only read, so one snapshot can be restored any number of times.
+                # RAM is loaded while QEMU initialises (it maps the memfd shared and
+                # touches no guest RAM before the incoming migration). Only data
+                # extents are copied, in the kernel; the file is only read, so one
+                # snapshot can be restored any number of times.
+                machine.start()
                 ramcopy.load_into(mem_fd, machine.ram_fd, header.memory_size)
-                machine.launch()
+                machine.connect()
                 snap.enable_ignore_shared(machine)
                 snap.load_device_state(machine, cpu_fd)
                 machine.qmp("cont")

@@ -1,0 +1,38 @@
+# Two commands do all the set-up: `make run` and `make test`. Both can be re-run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STATE  ?= var
+
+.PHONY: run test lint bench setup system-packages guest clean
+
+run: setup  ## install everything, build the demo guest, start the server (Rocket.toml address)
+	$(VENV)/bin/gunicorn -c gunicorn.conf.py
+
+test: setup  ## install everything, build the demo guest, run the whole test suite
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup  ## print the benchmark tables (see README)
+	$(PY) benchmarks/vmm_bench.py
+	$(PY) benchmarks/http_bench.py
+
+setup: system-packages $(VENV)/.installed guest
+
+system-packages:
+	scripts/install-system-packages
+
+# Recreated when requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+guest: $(VENV)/.installed  ## the demo kernel + initramfs in $(STATE)/guest (no-op when up to date)
+	$(PY) -m vmmgate.guest build
+
+clean:  ## remove the virtualenv and all state (VMs must be stopped first)
+	rm -rf $(VENV) $(STATE)
