@@ -19,7 +19,7 @@ from typing import Self
 TEMP_PREFIX = ".vmmgate-tmp-"
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Make a rename in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -64,8 +64,12 @@ class AtomicFile:
                 self._named, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, mode
             )
 
-    def commit(self) -> None:
-        """Flush the data and move the file into place atomically."""
+    def commit(self, sync_dir: bool = True) -> None:
+        """Flush the data and move the file into place atomically.
+
+        ``sync_dir`` false leaves the directory fsync to the caller (to commit
+        several files back to back).
+        """
         os.fsync(self.fd)
         if self._named is None:
             temp = (
@@ -80,7 +84,8 @@ class AtomicFile:
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.target.parent)
+        if sync_dir:
+            fsync_dir(self.target.parent)
 
     def close(self) -> None:
         """Close the file; an uncommitted one disappears."""

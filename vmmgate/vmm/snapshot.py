@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmmgate.vmm import ramcopy
-from vmmgate.vmm.atomic import AtomicFile
+from vmmgate.vmm.atomic import AtomicFile, fsync_dir
 from vmmgate.vmm.errors import InvalidRequest, SnapshotFileError, SnapshotIOError
 from vmmgate.vmm.machine import QemuMachine, wait_for
 from vmmgate.vmm.snapfile import (
@@ -135,6 +135,20 @@ def size_estimate(machine: QemuMachine) -> int:
     return os.fstat(machine.ram_fd).st_blocks * 512 + DISK_SLACK
 
 
+def _hold(path: Path) -> int | None:
+    """Return an O_PATH descriptor keeping the file at ``path`` alive, or None."""
+    try:
+        return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _fsync_dirs(*paths: Path) -> None:
+    """Make the renames of ``paths`` durable (each directory once)."""
+    for directory in dict.fromkeys(path.parent for path in paths):
+        fsync_dir(directory)
+
+
 def write_snapshot(
     machine: QemuMachine, cpu_path: Path, memory_path: Path,
     describe: dict,
@@ -164,10 +178,25 @@ def write_snapshot(
                 **describe,
             )
             os.pwrite(cpu_file.fd, cpu_header_block(header), 0)
-            # Memory first: a crash between the renames leaves a pair that is refused
-            # as mismatched, never a CPU file that points at the wrong RAM silently.
-            mem_file.commit()
-            cpu_file.commit()
+            # Both files durable before either is renamed, and the renames back to
+            # back (directories synced after), so a kill leaves the old pair or the
+            # new one, except in the instant between the two renames. The files being
+            # replaced are held open meanwhile: otherwise the first rename frees the
+            # old memory file's blocks (~20 ms for 100 MB on ext4), and a SIGKILL
+            # arriving then takes effect before the second rename: a mixed pair.
+            os.fsync(mem_file.fd)
+            os.fsync(cpu_file.fd)
+            replaced = [_hold(memory_path), _hold(cpu_path)]
+            try:
+                # Memory first: a crash between the renames leaves a pair that is refused
+                # as mismatched, never a CPU file that points at the wrong RAM silently.
+                mem_file.commit(sync_dir=False)
+                cpu_file.commit(sync_dir=False)
+            finally:
+                for fd in replaced:
+                    if fd is not None:
+                        os.close(fd)
+            _fsync_dirs(cpu_path, memory_path)
     except OSError as exc:
         if isinstance(exc, SnapshotIOError):
             raise

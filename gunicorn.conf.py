@@ -1,0 +1,40 @@
+"""gunicorn settings: the bind address from Rocket.toml, the rest from VMMGATE_*."""
+
+import ctypes
+import logging
+import sys
+
+from vmmgate.config import server_settings
+
+_server = server_settings()
+
+bind = [_server.bind.gunicorn_bind]
+workers = _server.workers
+# Threads let one worker wait for a booting VMM while it serves other requests.
+worker_class = "gthread"
+threads = _server.threads
+# Longer than the longest wait a request may do (VMM ready timeout, RPC timeout).
+timeout = _server.timeout
+graceful_timeout = 30
+wsgi_app = "app:app"
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def on_starting(server):
+    """Log vmmgate's messages with gunicorn's, and adopt orphaned VMMs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    # On the root logger, so tornado (under msgpack-rpc) sees a handler and
+    # does not call logging.basicConfig(), which would print everything twice.
+    logging.getLogger().addHandler(handler)
+    logging.getLogger("vmmgate").setLevel(logging.INFO)
+    # A worker that dies leaves its VMMs running (own session); as child
+    # subreaper the master inherits them and its SIGCHLD loop reaps them when
+    # they exit, so no zombie is left whatever PID 1 does.
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        server.log.warning("could not become child subreaper; orphaned VMMs go to PID 1")
+    server.log.info("vmmgate listening on %s (%d workers x %d threads)",
+                    _server.bind.gunicorn_bind, workers, threads)

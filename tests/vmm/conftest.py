@@ -1,0 +1,410 @@
+"""Fixtures for the bundled VMM's end-to-end tests: real VMM processes driving real QEMU.
+
+Every VMM is started with a listening socket bound here to 127.0.0.1:0 and passed
+down (``--listen-fd``), so ports never race. Every process is tracked by pid and
+stopped on teardown (``shutdown`` RPC, then SIGTERM, then SIGKILL), and teardown
+checks that the VMM's QEMU is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import msgpackrpc
+import pytest
+from msgpackrpc.error import TransportError
+from msgpackrpc.transport import tcp
+from tornado import ioloop
+
+from vmmgate.guest import COUNTER_PREFIX, UP_LINE, GuestImage, ensure_guest
+from vmmgate.state import PROJECT_ROOT
+
+COUNTER = re.compile(rf"^{re.escape(COUNTER_PREFIX)}(\d+)\r?$", re.MULTILINE)
+#: Bound on a VMM becoming ready (QEMU launched, RPC served); a boot under TCG is ~3-5 s.
+READY_TIMEOUT = 60.0
+#: Bound on the guest printing its boot line / a counter.
+GUEST_TIMEOUT = 90.0
+EXIT_BAD_INPUT = 4
+_READY_LINE = "RPC on 127.0.0.1:"
+_ENV_DROP = ("VMMGATE_INITRD", "VMMGATE_ACCEL", "VMMGATE_STATE_DIR", "VMMGATE_QEMU")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark everything under tests/vmm as e2e."""
+    for item in items:
+        if "/tests/vmm/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+# RPC ---------------------------------------------------------------------------------
+
+
+class _FailFastTransport(tcp.ClientTransport):
+    """The library's transport, but a call fails at once when the VMM drops the connection
+    (the library would silently wait for the call's timeout)."""
+
+    def on_close(self, sock: Any) -> None:
+        if not self._closed and sock in self._sockets:
+            self._sockets.remove(sock)
+            self._session.on_connect_failed(TransportError("the VMM closed the connection"))
+            return
+        super().on_close(sock)
+
+
+_BUILDER = SimpleNamespace(ClientTransport=_FailFastTransport)
+
+
+def rpc(port: int, method: str, *args: Any, timeout: float = 30) -> Any:
+    """Call ``method`` on the VMM at 127.0.0.1:``port``; raise msgpackrpc's errors.
+
+    Each call has its own IOLoop, closed with all its descriptors (epoll fd, waker
+    pipe, the client socket), so nothing leaks and threads never share a loop.
+    """
+    io = ioloop.IOLoop()
+    client = msgpackrpc.Client(
+        msgpackrpc.Address("127.0.0.1", port),
+        timeout=timeout,
+        loop=msgpackrpc.Loop(io),
+        builder=_BUILDER,
+        unpack_encoding="utf-8",
+    )
+    try:
+        return client.call(method, *args)
+    finally:
+        client.close()
+        io.close(all_fds=True)
+
+
+# Console logs --------------------------------------------------------------------------
+
+
+def read_text(path: Path) -> str:
+    """Return a file's text so far ('' if it does not exist yet)."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def counters(console: Path) -> list[int]:
+    """Return the counter values the guest printed to ``console`` so far."""
+    return [int(n) for n in COUNTER.findall(read_text(console))]
+
+
+def last_counter(console: Path) -> int | None:
+    """Return the last counter printed, or None."""
+    values = counters(console)
+    return values[-1] if values else None
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def sha256(path: Path) -> str:
+    """Return the SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fobj:
+        for block in iter(lambda: fobj.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Processes -----------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, int] | None:
+    """Return (state, start time) of ``pid``, or None if it does not exist."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    return fields[0].decode(), int(fields[19])
+
+
+def process_alive(pid: int, start_time: int | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, if given, started at ``start_time``."""
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    return start_time is None or stat[1] == start_time
+
+
+def qemus_mentioning(text: str) -> list[int]:
+    """Return the pids of live qemu-system processes whose command line contains ``text``."""
+    found = []
+    needle = text.encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"qemu-system" in cmdline and needle in cmdline and process_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class Vmm:
+    """One VMM process started by a test."""
+
+    proc: subprocess.Popen
+    port: int
+    console: Path
+    stderr_path: Path
+    argv: list[str]
+    qemu_pid: int | None = None
+    qemu_start: int | None = None
+    status: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, method: str, *args: Any, timeout: float = 30) -> Any:
+        """Call an RPC method on this VMM."""
+        return rpc(self.port, method, *args, timeout=timeout)
+
+    def stderr(self) -> str:
+        """Return what the VMM logged so far."""
+        return read_text(self.stderr_path)
+
+    def stderr_tail(self, limit: int = 3000) -> str:
+        return self.stderr()[-limit:]
+
+    def qemu_alive(self) -> bool:
+        """True while this VMM's QEMU runs."""
+        return self.qemu_pid is not None and process_alive(self.qemu_pid, self.qemu_start)
+
+    def counters(self) -> list[int]:
+        return counters(self.console)
+
+    def last_counter(self) -> int | None:
+        return last_counter(self.console)
+
+    def wait_counter(self, at_least: int, timeout: float = GUEST_TIMEOUT) -> int:
+        """Wait until the guest printed a counter >= ``at_least``; return the latest."""
+
+        def reached() -> int | None:
+            self.check_running()
+            value = self.last_counter()
+            return value if value is not None and value >= at_least else None
+
+        return wait_for(reached, timeout, f"counter >= {at_least} in {self.console}")
+
+    def wait_advance(self, timeout: float = 10) -> int:
+        """Wait until the guest prints a counter above the current one; return it."""
+        start = self.last_counter() or 0
+        return self.wait_counter(start + 1, timeout)
+
+    def wait_up(self, timeout: float = GUEST_TIMEOUT) -> None:
+        """Wait for the guest's boot line."""
+
+        def up() -> bool:
+            self.check_running()
+            return UP_LINE in read_text(self.console)
+
+        wait_for(up, timeout, f"{UP_LINE!r} in {self.console}")
+
+    def check_running(self) -> None:
+        """Fail (with the VMM's log) if the VMM has exited."""
+        code = self.proc.poll()
+        if code is not None:
+            pytest.fail(f"VMM {self.pid} exited with status {code}; its log ends:\n{self.stderr_tail()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the VMM to exit; return its status."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"VMM {self.pid} did not exit within {timeout} s; log:\n{self.stderr_tail()}")
+
+
+class VmmPool:
+    """Starts VMMs for tests and stops every one of them afterwards."""
+
+    def __init__(self, workdir: Path, guest: GuestImage):
+        self.workdir = workdir
+        self.guest = guest
+        self.started: list[Vmm] = []
+        # The VMM finds the demo initramfs and the KVM-probe cache in the default var/.
+        self.env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP}
+
+    # Starting --------------------------------------------------------------------------
+
+    def spawn(self, args: list[str], console: Path) -> Vmm:
+        """Start a VMM process (not waiting for it) on a fresh port."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen(16)
+            port = sock.getsockname()[1]
+            fd = sock.fileno()
+            stderr_path = console.with_name(f"{console.name}.vmm-{port}.log")
+            argv = [sys.executable, "-m", "vmmgate.vmm", *args, "--port", str(port),
+                    "--listen-fd", str(fd), "--console-log", str(console)]  # fmt: skip
+            with stderr_path.open("wb") as log:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        pass_fds=(fd,), cwd=PROJECT_ROOT, env=self.env)  # fmt: skip
+        finally:
+            # Only the VMM holds the socket now: if it dies, connections are refused.
+            sock.close()
+        vmm = Vmm(proc=proc, port=port, console=console, stderr_path=stderr_path, argv=argv)
+        self.started.append(vmm)
+        return vmm
+
+    def wait_ready(self, vmm: Vmm, timeout: float = READY_TIMEOUT) -> Vmm:
+        """Wait for the VMM's "RPC on" line (failing fast if it exits), then ``status``."""
+        wait_for(
+            lambda: vmm.check_running() or _READY_LINE in vmm.stderr(),
+            timeout,
+            f"VMM {vmm.pid} to serve RPC (log: {vmm.stderr_path})",
+        )
+        vmm.status = vmm.call("status")
+        assert vmm.status["pid"] == vmm.pid and vmm.status["port"] == vmm.port
+        vmm.qemu_pid = vmm.status["qemu_pid"]
+        stat = _proc_stat(vmm.qemu_pid)
+        assert stat is not None, f"QEMU {vmm.qemu_pid} of VMM {vmm.pid} is not running"
+        vmm.qemu_start = stat[1]
+        return vmm
+
+    def boot(self, console: Path, *extra: str, wait_up: bool = True) -> Vmm:
+        """Boot the demo guest; wait for RPC and (by default) the boot line."""
+        vmm = self.wait_ready(self.spawn(["--kernel", f"path={self.guest.kernel}", *extra], console))
+        if wait_up:
+            vmm.wait_up()
+        return vmm
+
+    def restore(self, cpu: Path, memory: Path, console: Path, *extra: str) -> Vmm:
+        """Restore a snapshot pair; wait until RPC answers."""
+        return self.wait_ready(
+            self.spawn(["--cpu_path", str(cpu), "--memory_path", str(memory), *extra], console)
+        )
+
+    # Stopping --------------------------------------------------------------------------
+
+    def stop(self, vmm: Vmm) -> list[str]:
+        """Stop ``vmm`` (shutdown RPC, SIGTERM, SIGKILL); return problems found."""
+        problems = []
+        if vmm.proc.poll() is None:
+            try:
+                vmm.call("shutdown", timeout=5)
+            except Exception as exc:  # noqa: BLE001 - fall back to signals
+                problems.append(f"shutdown RPC failed: {exc!r}")
+            for signum, wait in ((None, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+                if signum is not None:
+                    problems.append(f"VMM {vmm.pid} needed signal {signum}")
+                    _signal(vmm.pid, signum)
+                try:
+                    vmm.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        else:
+            vmm.proc.wait()
+        if vmm.qemu_pid is not None:
+            deadline = time.monotonic() + 5
+            while vmm.qemu_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if vmm.qemu_alive():
+                problems.append(f"QEMU {vmm.qemu_pid} outlived VMM {vmm.pid}")
+                _signal(vmm.qemu_pid, signal.SIGKILL)
+        return problems
+
+    def stop_all(self) -> None:
+        """Stop every VMM; fail if any left something behind."""
+        problems = []
+        for vmm in reversed(self.started):
+            problems += self.stop(vmm)
+        self.started.clear()
+        leftovers = qemus_mentioning(str(self.workdir))
+        for pid in leftovers:
+            _signal(pid, signal.SIGKILL)
+        if leftovers:
+            problems.append(f"QEMUs {leftovers} left running for {self.workdir}")
+        # A VMM that needed a signal is a finding, but only a leftover QEMU fails teardown.
+        bad = [p for p in problems if "QEMU" in p]
+        assert not bad, "; ".join(problems)
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    """The demo guest image (built once, reused from var/guest)."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.fail("qemu-system-x86_64 is missing: install the Debian package qemu-system-x86")
+    return ensure_guest()
+
+
+@pytest.fixture
+def vmm(guest: GuestImage, tmp_path: Path) -> Iterator[VmmPool]:
+    """A VMM factory for one test: every VMM it starts is stopped afterwards."""
+    pool = VmmPool(tmp_path, guest)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_vmm(guest: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmmPool]:
+    """A VMM factory shared by a module's tests (for VMs that are safe to share)."""
+    pool = VmmPool(tmp_path_factory.mktemp("vmm-module"), guest)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """Return ``mount(name, options)``: a tmpfs at tmp_path/name, unmounted afterwards."""
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        path = tmp_path / name
+        path.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "none", str(path)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def remount(path: Path, options: str) -> None:
+    """Remount the tmpfs at ``path`` with ``options`` (e.g. "ro")."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)

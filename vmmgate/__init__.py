@@ -1,0 +1,33 @@
+"""vmmgate: an HTTP control plane that creates QEMU virtual machines and snapshots them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+
+def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the Flask app: defaults, then configuration, then each module, then blueprints."""
+    # Imported here so that the VMM and guest subpackages, which run as their
+    # own processes, never pay for importing Flask.
+    from flask import Flask
+
+    from vmmgate import config, http_errors, service
+    from vmmgate.blueprints import create, snapshot
+
+    app = Flask(__name__)
+    # Keep the error object's keys in the original's order (code, reason, description).
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.config.from_mapping(config.from_environ(os.environ))
+    if test_config is not None:
+        app.config.from_mapping(test_config)
+    config.init_app(app)
+    http_errors.init_app(app)
+    service.init_app(app)
+    app.register_blueprint(create.bp)
+    app.register_blueprint(snapshot.bp)
+    return app

@@ -1,0 +1,16 @@
+"""``POST /snapshot``: snapshot the VM whose VMM listens on ``rpc_port``."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, jsonify
+
+from vmmgate.blueprints import read_body, service
+from vmmgate.schemas import SNAPSHOT_REQUEST
+
+bp = Blueprint("snapshot", __name__)
+
+
+@bp.post("/snapshot")
+def snapshot() -> Response:
+    """Take the snapshot; answer the original's JSON string on success."""
+    return jsonify(service().snapshot(read_body(SNAPSHOT_REQUEST)))

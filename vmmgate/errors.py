@@ -1,0 +1,185 @@
+"""Typed errors raised by vmmgate's domain code (never by Flask).
+
+Each error's message is the human description sent to the client; the mapping
+to HTTP statuses lives in one place, :mod:`vmmgate.http_errors`.
+
+::
+
+    VmmgateError
+    ├── ConfigError                 the server's own configuration is unusable
+    ├── RequestError                the caller sent something unusable
+    │   ├── MalformedBody           not JSON at all                     400
+    │   └── InvalidRequest          JSON, but not acceptable            422
+    │       ├── InvalidBody         fails the body schema (field messages)
+    │       ├── PathRefused         outside the roots, missing, not a file...
+    │       ├── StarterConfigError  config.username / password / id
+    │       ├── SnapshotMismatch    snapshot files missing, corrupt, unpaired
+    │       └── UnsupportedOption   the configured VMM cannot do what was asked
+    ├── VmNotFound                  no live VM of ours on that port       404
+    ├── VmConflict                  the VM is in the wrong state          409
+    ├── LaunchError                 a VMM could not be started
+    │   ├── VmmStartError           it died at start (exit code, argv, log)
+    │   ├── VmmReadyTimeout         it did not become ready in time       504
+    │   └── NoFreePort              no RPC port could be reserved         503
+    └── RpcError                    talking to a VMM's RPC port failed
+        ├── RpcUnreachable          nothing answers on the port           502
+        ├── RpcTimeout              no answer within the call timeout     504
+        ├── RpcConnectionLost       the VMM closed the connection mid-call 502
+        └── RpcRemoteError          the VMM answered with an error
+            ├── RemoteInvalid       "invalid: ..."                        422
+            ├── RemoteConflict      "conflict: ..."                       409
+            ├── RemoteIOError       "io: ..."                             500
+            │   └── RemoteNoSpace   "io: ... no space left ..."           507
+            └── RemoteInternal      "internal: ..." or no known kind      500
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+
+class VmmgateError(Exception):
+    """Base of every error vmmgate raises on purpose."""
+
+    @property
+    def description(self) -> str:
+        """Return the message meant for the client."""
+        return str(self)
+
+
+class ConfigError(VmmgateError):
+    """The server's configuration (Rocket.toml, VMMGATE_*) is invalid."""
+
+
+class RequestError(VmmgateError):
+    """The caller's request cannot be served as sent."""
+
+
+class MalformedBody(RequestError):
+    """The request body is not syntactically valid JSON."""
+
+
+class InvalidRequest(RequestError):
+    """The request is valid JSON but asks for something unacceptable."""
+
+
+class InvalidBody(InvalidRequest):
+    """The body fails its schema; carries marshmallow's per-field messages."""
+
+    def __init__(self, messages: Mapping[str, object] | Sequence[object] | str) -> None:
+        self.messages = messages
+        super().__init__("Invalid request body: " + flatten_messages(messages))
+
+
+class PathRefused(InvalidRequest):
+    """A path in the body is outside the allowed roots or unusable."""
+
+
+class StarterConfigError(InvalidRequest):
+    """The ``config`` object cannot be rendered into a safe start-up script."""
+
+
+class SnapshotMismatch(InvalidRequest):
+    """The snapshot files to restore are missing, corrupt or not a pair."""
+
+
+class UnsupportedOption(InvalidRequest):
+    """The configured VMM does not support an option the request uses."""
+
+
+class VmNotFound(VmmgateError):
+    """No live VM launched by this server matches the request."""
+
+
+class VmConflict(VmmgateError):
+    """The VM exists but is in a state that forbids the operation."""
+
+
+class LaunchError(VmmgateError):
+    """A VMM process could not be started and brought to ready."""
+
+
+class VmmStartError(LaunchError):
+    """The VMM exited (or could not be executed) before it was ready."""
+
+    def __init__(self, message: str, *, exit_code: int | None, argv: Sequence[str],
+                 log_tail: str) -> None:
+        self.exit_code = exit_code
+        self.argv = list(argv)
+        self.log_tail = log_tail
+        detail = f"{message} (exit code {exit_code})" if exit_code is not None else message
+        if log_tail:
+            detail += "; last lines of its log:\n" + log_tail
+        super().__init__(detail)
+
+
+class VmmReadyTimeout(LaunchError):
+    """The VMM kept running but did not answer within the ready timeout."""
+
+    def __init__(self, message: str, *, argv: Sequence[str], log_tail: str) -> None:
+        self.argv = list(argv)
+        self.log_tail = log_tail
+        super().__init__(message + ("; last lines of its log:\n" + log_tail if log_tail else ""))
+
+
+class NoFreePort(LaunchError):
+    """No RPC port could be reserved for a new VMM."""
+
+
+class RpcError(VmmgateError):
+    """A msgpack-RPC call to a VMM failed."""
+
+
+class RpcUnreachable(RpcError):
+    """Nothing accepted a connection on the VMM's RPC port."""
+
+
+class RpcTimeout(RpcError):
+    """The VMM did not answer within the timeout."""
+
+
+class RpcConnectionLost(RpcError):
+    """The connection closed before the VMM answered (the VMM likely died)."""
+
+
+class RpcRemoteError(RpcError):
+    """The VMM answered with an error; ``kind`` is its prefix ("io", ...)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        self.remote_message = message
+        super().__init__(message)
+
+
+class RemoteInvalid(RpcRemoteError):
+    """The VMM refused the arguments ("invalid: ...")."""
+
+
+class RemoteConflict(RpcRemoteError):
+    """The VMM refused because of its state ("conflict: ...")."""
+
+
+class RemoteIOError(RpcRemoteError):
+    """The VMM hit an I/O error ("io: ...")."""
+
+
+class RemoteNoSpace(RemoteIOError):
+    """The VMM ran out of disk space ("io: ... ENOSPC")."""
+
+
+class RemoteInternal(RpcRemoteError):
+    """The VMM failed internally ("internal: ...", or an unprefixed message)."""
+
+
+def flatten_messages(messages: object, prefix: str = "") -> str:
+    """Render nested marshmallow messages as ``a.b: msg; c: msg``."""
+    if isinstance(messages, Mapping):
+        parts = [flatten_messages(value, f"{prefix}{key}.") for key, value in sorted(
+            messages.items(), key=lambda item: str(item[0]))]
+        return "; ".join(part for part in parts if part)
+    if isinstance(messages, (list, tuple)):
+        text = " ".join(str(m) for m in messages if not isinstance(m, (Mapping, list, tuple)))
+        nested = [flatten_messages(m, prefix) for m in messages if isinstance(m, (Mapping, list, tuple))]
+        head = f"{prefix[:-1]}: {text}" if prefix and text else text
+        return "; ".join(part for part in [head, *nested] if part)
+    return f"{prefix[:-1]}: {messages}" if prefix else str(messages)

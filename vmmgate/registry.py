@@ -1,0 +1,244 @@
+"""The registry: every VMM this server launched, in one SQLite file.
+
+All gunicorn workers share the file (WAL mode, a busy timeout), never one
+worker's memory. A VMM is identified by its pid *and* the pid's start time
+from ``/proc/<pid>/stat``, so a pid reused by an unrelated process is never
+mistaken for our VMM. A live VM's RPC port is UNIQUE (partial index), which
+is also how a port is reserved across workers.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+BUSY_TIMEOUT_S = 10.0
+SCHEMA_VERSION = 1
+
+
+class VmState(enum.StrEnum):
+    """Where a VM is in its life; the first three are "live"."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+    FAILED = "failed"
+
+
+LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.PAUSED)
+
+
+class VmKind(enum.StrEnum):
+    """How a VM was created."""
+
+    BOOT = "boot"
+    RESTORE = "restore"
+
+
+_LIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in LIVE_STATES) + ")"
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS vms (
+    id                   TEXT PRIMARY KEY,
+    kind                 TEXT NOT NULL CHECK (kind IN ('boot', 'restore')),
+    state                TEXT NOT NULL,
+    port                 INTEGER NOT NULL,
+    pid                  INTEGER,
+    pid_start_time       INTEGER,
+    launcher_pid         INTEGER NOT NULL,
+    kernel_path          TEXT,
+    cpu_snapshot_path    TEXT,
+    memory_snapshot_path TEXT,
+    memory_mib           INTEGER,
+    vcpus                INTEGER,
+    tap_device           TEXT,
+    vm_dir               TEXT NOT NULL,
+    created_at           REAL NOT NULL,
+    exited_at            REAL,
+    exit_status          INTEGER
+);
+CREATE UNIQUE INDEX IF NOT EXISTS vms_live_port ON vms (port) WHERE state IN {_LIVE_SQL};
+CREATE INDEX IF NOT EXISTS vms_state ON vms (state);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+class PortTaken(Exception):
+    """Another live VM already holds this port in the registry."""
+
+    def __init__(self, port: int, holder: VmRecord | None) -> None:
+        self.port = port
+        self.holder = holder
+        super().__init__(f"port {port} is held by {holder.id if holder else 'another VM'}")
+
+
+@dataclass(frozen=True)
+class VmRecord:
+    """One row of the registry."""
+
+    id: str
+    kind: VmKind
+    state: VmState
+    port: int
+    pid: int | None
+    pid_start_time: int | None
+    launcher_pid: int
+    kernel_path: str | None
+    cpu_snapshot_path: str | None
+    memory_snapshot_path: str | None
+    memory_mib: int | None
+    vcpus: int | None
+    tap_device: str | None
+    vm_dir: str
+    created_at: float
+    exited_at: float | None
+    exit_status: int | None
+
+    @property
+    def is_live(self) -> bool:
+        """Tell whether the registry believes this VM is alive."""
+        return self.state in LIVE_STATES
+
+
+_COLUMNS = tuple(f.name for f in fields(VmRecord))
+
+
+def new_vm_id() -> str:
+    """Return a short random VM id."""
+    return uuid.uuid4().hex[:12]
+
+
+def proc_start_time(pid: int) -> int | None:
+    """Return the start time (clock ticks since boot) of a live pid, else None.
+
+    A zombie counts as gone: it has exited and only waits to be reaped.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            data = stat_file.read()
+    except OSError:
+        return None
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2:].split()
+    state, start_time = rest[0], rest[19]
+    if state in (b"Z", b"X"):
+        return None
+    return int(start_time)
+
+
+def is_same_process(pid: int | None, start_time: int | None) -> bool:
+    """Tell whether ``pid`` is still the process that started at ``start_time``."""
+    return pid is not None and start_time is not None and proc_start_time(pid) == start_time
+
+
+class Registry:
+    """The SQLite registry file; one short-lived connection per operation."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def create(self) -> None:
+        """Create the file and schema (idempotent, safe from several workers at once)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            # WAL lets every worker read while one writes; it persists in the file.
+            db.execute("PRAGMA journal_mode = WAL")
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        """Yield an autocommit connection with a busy timeout, closed afterwards."""
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA synchronous = NORMAL")
+            yield db
+        finally:
+            db.close()
+
+    def insert(self, record: VmRecord) -> None:
+        """Insert a new VM; raise PortTaken if a live VM already has its port."""
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        with self._connect() as db:
+            try:
+                db.execute(f"INSERT INTO vms ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                           [getattr(record, c) for c in _COLUMNS])
+            except sqlite3.IntegrityError as exc:
+                if "port" not in str(exc):
+                    raise
+                raise PortTaken(record.port, self.find_live_by_port(record.port)) from exc
+
+    def set_process(self, vm_id: str, pid: int, start_time: int | None) -> None:
+        """Record the VMM's pid and its start time."""
+        with self._connect() as db:
+            db.execute("UPDATE vms SET pid = ?, pid_start_time = ? WHERE id = ?",
+                       (pid, start_time, vm_id))
+
+    def set_running(self, vm_id: str, state: VmState, memory_mib: int | None,
+                    vcpus: int | None) -> None:
+        """Record that a live VM is running or paused, with its size as the VMM reports it."""
+        with self._connect() as db:
+            db.execute(
+                f"UPDATE vms SET state = ?, memory_mib = COALESCE(?, memory_mib), "
+                f"vcpus = COALESCE(?, vcpus) WHERE id = ? AND state IN {_LIVE_SQL}",
+                (state.value, memory_mib, vcpus, vm_id))
+
+    def set_state(self, vm_id: str, state: VmState) -> None:
+        """Move a live VM to ``state`` (a VM already ended stays ended)."""
+        with self._connect() as db:
+            db.execute(f"UPDATE vms SET state = ? WHERE id = ? AND state IN {_LIVE_SQL}",
+                       (state.value, vm_id))
+
+    def mark_ended(self, vm_id: str, state: VmState, exit_status: int | None) -> None:
+        """Record that a VM ended (``exited`` or ``failed``), keeping a known exit status."""
+        with self._connect() as db:
+            db.execute(
+                "UPDATE vms SET state = CASE WHEN state IN " + _LIVE_SQL + " THEN ? ELSE state END, "
+                "exited_at = COALESCE(exited_at, ?), "
+                "exit_status = COALESCE(?, exit_status) WHERE id = ?",
+                (state.value, time.time(), exit_status, vm_id))
+
+    def get(self, vm_id: str) -> VmRecord | None:
+        """Return the VM with this id, or None."""
+        with self._connect() as db:
+            row = db.execute("SELECT * FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        return _record(row) if row else None
+
+    def find_live_by_port(self, port: int) -> VmRecord | None:
+        """Return the live VM holding ``port``, or None."""
+        with self._connect() as db:
+            row = db.execute(f"SELECT * FROM vms WHERE port = ? AND state IN {_LIVE_SQL}",
+                             (port,)).fetchone()
+        return _record(row) if row else None
+
+    def find_by_port(self, port: int) -> list[VmRecord]:
+        """Return every VM that ever held ``port``, newest first."""
+        with self._connect() as db:
+            rows = db.execute("SELECT * FROM vms WHERE port = ? ORDER BY created_at DESC",
+                              (port,)).fetchall()
+        return [_record(row) for row in rows]
+
+    def list(self, state: VmState | None = None) -> list[VmRecord]:
+        """Return every VM (or those in ``state``), oldest first."""
+        with self._connect() as db:
+            if state is None:
+                rows = db.execute("SELECT * FROM vms ORDER BY created_at").fetchall()
+            else:
+                rows = db.execute("SELECT * FROM vms WHERE state = ? ORDER BY created_at",
+                                  (state.value,)).fetchall()
+        return [_record(row) for row in rows]
+
+
+def _record(row: sqlite3.Row) -> VmRecord:
+    """Build a VmRecord from a row."""
+    values = {name: row[name] for name in _COLUMNS}
+    values["kind"] = VmKind(values["kind"])
+    values["state"] = VmState(values["state"])
+    return VmRecord(**values)
