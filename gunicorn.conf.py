@@ -24,8 +24,11 @@ _PR_SET_CHILD_SUBREAPER = 36
 def on_starting(server):
     """Log vmmgate's messages with gunicorn's, and adopt orphaned VMMs."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter(
+            "[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+        )
+    )
     # On the root logger, so tornado (under msgpack-rpc) sees a handler and
     # does not call logging.basicConfig(), which would print everything twice.
     logging.getLogger().addHandler(handler)
@@ -35,6 +38,12 @@ def on_starting(server):
     # they exit, so no zombie is left whatever PID 1 does.
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        server.log.warning("could not become child subreaper; orphaned VMMs go to PID 1")
-    server.log.info("vmmgate listening on %s (%d workers x %d threads)",
-                    _server.bind.gunicorn_bind, workers, threads)
+        server.log.warning(
+            "could not become child subreaper; orphaned VMMs go to PID 1"
+        )
+    server.log.info(
+        "vmmgate listening on %s (%d workers x %d threads)",
+        _server.bind.gunicorn_bind,
+        workers,
+        threads,
+    )

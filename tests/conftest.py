@@ -46,7 +46,9 @@ def kernel(work: Path) -> Path:
 
 
 @pytest.fixture
-def make_app(state: Path, work: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Flask]]:
+def make_app(
+    state: Path, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Flask]]:
     """Return a factory of apps (fake VMM, cwd = ``work``); stop every VMM they start."""
     monkeypatch.chdir(work)
     for key in SETTING_KEYS:

@@ -28,7 +28,9 @@ from msgpackrpc.transport import tcp
 class Handler:
     """The RPC methods, mimicking the bundled VMM's answers."""
 
-    def __init__(self, server: msgpackrpc.Server, memory: int, vcpus: int, error: str | None) -> None:
+    def __init__(
+        self, server: msgpackrpc.Server, memory: int, vcpus: int, error: str | None
+    ) -> None:
         self.server = server
         self.state = "running"
         self.memory = memory
@@ -37,8 +39,13 @@ class Handler:
 
     def status(self) -> dict[str, object]:
         """Report a running VM."""
-        return {"state": self.state, "qemu_pid": os.getpid(), "memory_mib": self.memory,
-                "vcpus": self.vcpus, "accel": "tcg"}
+        return {
+            "state": self.state,
+            "qemu_pid": os.getpid(),
+            "memory_mib": self.memory,
+            "vcpus": self.vcpus,
+            "accel": "tcg",
+        }
 
     def snapshot_and_pause(self, cpu: str, memory: str, port: int, resume: bool) -> str:
         """Write two small files, or fail as configured."""
@@ -96,7 +103,9 @@ def main() -> None:
         json.dump(sys.argv[1:], out)
     mode = os.environ.get("FAKE_VMM_MODE", "ok")
     if mode == "die":
-        print("fakevmm: cannot start: the kernel image is not a kernel", file=sys.stderr)
+        print(
+            "fakevmm: cannot start: the kernel image is not a kernel", file=sys.stderr
+        )
         sys.exit(3)
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
@@ -117,10 +126,13 @@ def main() -> None:
     error = mode.partition(":")[2] if mode.startswith("error:") else None
     server = msgpackrpc.Server(None, unpack_encoding="utf-8")
     server._dispatcher = Handler(server, args.memory, args.vcpus, error)
-    transport = tcp.ServerTransport(msgpackrpc.Address("127.0.0.1", args.port), ("utf-8", "utf-8"))
+    transport = tcp.ServerTransport(
+        msgpackrpc.Address("127.0.0.1", args.port), ("utf-8", "utf-8")
+    )
     transport._server = server
-    transport._mp_server = tcp.MessagePackServer(transport, io_loop=server._loop._ioloop,
-                                                 encodings=("utf-8", "utf-8"))
+    transport._mp_server = tcp.MessagePackServer(
+        transport, io_loop=server._loop._ioloop, encodings=("utf-8", "utf-8")
+    )
     transport._mp_server.add_socket(sock)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     server.start()

@@ -28,7 +28,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -51,7 +53,7 @@ def children_of(pid: int) -> list[int]:
                 data = stat_file.read()
         except OSError:
             continue
-        fields = data[data.rindex(b")") + 2:].split()
+        fields = data[data.rindex(b")") + 2 :].split()
         if int(fields[1]) == pid:
             found.append(int(entry))
     return found
@@ -120,16 +122,30 @@ class Server:
         """Start gunicorn and wait until it answers HTTP."""
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(PROJECT_ROOT / "gunicorn.conf.py")],
-                cwd=PROJECT_ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True)
-        wait_for(self._answers, timeout, f"gunicorn on port {self.port} (log: {self.log})")
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "-c",
+                    str(PROJECT_ROOT / "gunicorn.conf.py"),
+                ],
+                cwd=PROJECT_ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(
+            self._answers, timeout, f"gunicorn on port {self.port} (log: {self.log})"
+        )
 
     def _answers(self) -> bool:
         """Tell whether the server answers HTTP (a 404 is an answer)."""
         assert self.process is not None
         if self.process.poll() is not None:
-            raise AssertionError(f"gunicorn exited with {self.process.returncode}; see {self.log}")
+            raise AssertionError(
+                f"gunicorn exited with {self.process.returncode}; see {self.log}"
+            )
         try:
             return self.request("GET", "/", timeout=2).status == 404
         except OSError:
@@ -141,22 +157,36 @@ class Server:
         master = _cmdline(self.pid)
         return [pid for pid in children_of(self.pid) if _cmdline(pid) == master]
 
-    def request(self, method: str, path: str, body: bytes | str | None = None,
-                headers: dict[str, str] | None = None, timeout: float = 120) -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = 120,
+    ) -> Response:
         """Send one HTTP request and return the answer."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             answer = conn.getresponse()
-            return Response(answer.status, dict(answer.getheaders()),
-                            answer.read().decode("utf-8", "replace"))
+            return Response(
+                answer.status,
+                dict(answer.getheaders()),
+                answer.read().decode("utf-8", "replace"),
+            )
         finally:
             conn.close()
 
     def post(self, path: str, body: Any, timeout: float = 120) -> Response:
         """POST ``body`` as JSON."""
-        return self.request("POST", path, json.dumps(body), {"Content-Type": "application/json"},
-                            timeout)
+        return self.request(
+            "POST",
+            path,
+            json.dumps(body),
+            {"Content-Type": "application/json"},
+            timeout,
+        )
 
     def stop(self, timeout: float = 30) -> None:
         """Stop gunicorn (SIGTERM, then SIGKILL), by its pid."""
@@ -185,7 +215,11 @@ class Server:
                 except ProcessLookupError:
                     return
             try:
-                wait_for(lambda: not is_same_process(pid, start_time), timeout, f"VMM {pid} to exit")
+                wait_for(
+                    lambda: not is_same_process(pid, start_time),
+                    timeout,
+                    f"VMM {pid} to exit",
+                )
                 return
             except AssertionError:
                 continue
@@ -200,14 +234,19 @@ class Server:
 def make_server(state: Path, log: Path, **env: str) -> Server:
     """Prepare (not start) a server on a free port with ``state`` as its state dir."""
     port = free_port()
-    environ = {key: value for key, value in os.environ.items()
-               if not key.startswith(("VMMGATE_", "ROCKET_"))}
-    environ.update({
-        "ROCKET_ADDRESS": "127.0.0.1",
-        "ROCKET_PORT": str(port),
-        "VMMGATE_STATE_DIR": str(state),
-        "VMMGATE_WORKERS": "2",
-        "PYTHONPATH": str(PROJECT_ROOT),
-    })
+    environ = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("VMMGATE_", "ROCKET_"))
+    }
+    environ.update(
+        {
+            "ROCKET_ADDRESS": "127.0.0.1",
+            "ROCKET_PORT": str(port),
+            "VMMGATE_STATE_DIR": str(state),
+            "VMMGATE_WORKERS": "2",
+            "PYTHONPATH": str(PROJECT_ROOT),
+        }
+    )
     environ.update(env)
     return Server(port=port, state=state, log=log, env=environ)

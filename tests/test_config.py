@@ -40,7 +40,11 @@ def _bind(tmp_path: Path, text: str | None, **environ: str) -> config.BindAddres
 def test_original_file_gives_the_original_bind(tmp_path: Path) -> None:
     """The original's Rocket.toml: debug profile by default, 0.0.0.0:8010."""
     bind = _bind(tmp_path, ORIGINAL)
-    assert (bind.address, bind.port, bind.gunicorn_bind) == ("0.0.0.0", 8010, "0.0.0.0:8010")
+    assert (bind.address, bind.port, bind.gunicorn_bind) == (
+        "0.0.0.0",
+        8010,
+        "0.0.0.0:8010",
+    )
     assert not bind.is_loopback
 
 
@@ -50,15 +54,19 @@ def test_shipped_rocket_toml_is_the_original() -> None:
     assert bind.gunicorn_bind == "0.0.0.0:8010"
 
 
-@pytest.mark.parametrize(("profile", "expected"), [
-    (None, ("127.0.0.1", 7001)),
-    ("debug", ("127.0.0.1", 7001)),
-    ("release", ("10.0.0.1", 7002)),
-    ("custom", ("127.0.0.1", 7003)),
-    ("absent", ("127.0.0.1", 7000)),
-])
-def test_profiles_merge_over_default(tmp_path: Path, profile: str | None,
-                                     expected: tuple[str, int]) -> None:
+@pytest.mark.parametrize(
+    ("profile", "expected"),
+    [
+        (None, ("127.0.0.1", 7001)),
+        ("debug", ("127.0.0.1", 7001)),
+        ("release", ("10.0.0.1", 7002)),
+        ("custom", ("127.0.0.1", 7003)),
+        ("absent", ("127.0.0.1", 7000)),
+    ],
+)
+def test_profiles_merge_over_default(
+    tmp_path: Path, profile: str | None, expected: tuple[str, int]
+) -> None:
     """The active profile (ROCKET_PROFILE, default "debug") overrides [default]."""
     environ = {"ROCKET_PROFILE": profile} if profile else {}
     bind = _bind(tmp_path, PROFILES, **environ)
@@ -75,12 +83,14 @@ def test_global_overrides_every_profile(tmp_path: Path) -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     """ROCKET_ADDRESS and ROCKET_PORT override even [global]."""
-    text = PROFILES + '\n[global]\nport = 9\n'
+    text = PROFILES + "\n[global]\nport = 9\n"
     bind = _bind(tmp_path, text, ROCKET_ADDRESS="127.0.0.2", ROCKET_PORT="8123")
     assert (bind.address, bind.port) == ("127.0.0.2", 8123)
 
 
-def test_no_file_uses_rockets_builtin_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_file_uses_rockets_builtin_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without any Rocket.toml, Rocket listened on 127.0.0.1:8000."""
     monkeypatch.setattr(config, "SHIPPED_ROCKET_TOML", tmp_path / "none.toml")
     bind = config.rocket_bind({}, tmp_path)
@@ -95,17 +105,21 @@ def test_file_is_found_in_a_parent_directory(tmp_path: Path) -> None:
     assert config.rocket_bind({}, child).port == 7001
 
 
-@pytest.mark.parametrize(("text", "environ", "match"), [
-    ("[debug]\nport = '8010'\n", {}, "port"),
-    ("[debug]\nport = 70000\n", {}, "port"),
-    ("[debug]\naddress = 'localhost'\n", {}, "address"),
-    ("[debug\n", {}, "Cannot read"),
-    ("debug = 1\n", {}, r"\[debug\] must be a table"),
-    (ORIGINAL, {"ROCKET_PORT": "http"}, "ROCKET_PORT"),
-    (ORIGINAL, {"ROCKET_ADDRESS": "nowhere"}, "address"),
-])
-def test_invalid_rocket_settings_are_refused(tmp_path: Path, text: str, environ: dict[str, str],
-                                             match: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "environ", "match"),
+    [
+        ("[debug]\nport = '8010'\n", {}, "port"),
+        ("[debug]\nport = 70000\n", {}, "port"),
+        ("[debug]\naddress = 'localhost'\n", {}, "address"),
+        ("[debug\n", {}, "Cannot read"),
+        ("debug = 1\n", {}, r"\[debug\] must be a table"),
+        (ORIGINAL, {"ROCKET_PORT": "http"}, "ROCKET_PORT"),
+        (ORIGINAL, {"ROCKET_ADDRESS": "nowhere"}, "address"),
+    ],
+)
+def test_invalid_rocket_settings_are_refused(
+    tmp_path: Path, text: str, environ: dict[str, str], match: str
+) -> None:
     """A bad file or variable is a clear ConfigError, not a silent default."""
     with pytest.raises(ConfigError, match=match):
         _bind(tmp_path, text, **environ)
@@ -143,40 +157,60 @@ def test_settings_from_environment_strings(tmp_path: Path) -> None:
     assert settings.vmm_command == ("/opt/vmm/bin/vmm-reference", "--verbose")
     assert settings.vmm_flavor == "original"
     assert (settings.ready_timeout, settings.rpc_timeout) == (12.5, 7.0)
-    assert settings.kernel_roots == (Path("/srv/kernels"), tmp_path.resolve() / "images")
+    assert settings.kernel_roots == (
+        Path("/srv/kernels"),
+        tmp_path.resolve() / "images",
+    )
     assert settings.snapshot_roots == (tmp_path.resolve(), settings.state_dir)
     assert (settings.default_memory_mib, settings.default_vcpus) == (512, 2)
 
 
-def test_relative_vmm_command_is_taken_from_the_working_directory(tmp_path: Path) -> None:
+def test_relative_vmm_command_is_taken_from_the_working_directory(
+    tmp_path: Path,
+) -> None:
     """The original ran ../732-demo/target/debug/vmm-reference relative to its cwd."""
-    settings = config.load_settings({"VMMGATE_VMM_COMMAND": "../vmm/vmm-reference"}, cwd=tmp_path)
-    assert settings.vmm_command == (str(tmp_path.resolve().parent / "vmm" / "vmm-reference"),)
+    settings = config.load_settings(
+        {"VMMGATE_VMM_COMMAND": "../vmm/vmm-reference"}, cwd=tmp_path
+    )
+    assert settings.vmm_command == (
+        str(tmp_path.resolve().parent / "vmm" / "vmm-reference"),
+    )
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("VMMGATE_VMM_FLAVOR", "rust"),
-    ("VMMGATE_READY_TIMEOUT", "soon"),
-    ("VMMGATE_READY_TIMEOUT", "0"),
-    ("VMMGATE_DEFAULT_VCPUS", "0"),
-    ("VMMGATE_VMM_COMMAND", ""),
-    ("VMMGATE_VMM_COMMAND", "'unclosed"),
-    ("VMMGATE_STATE_DIR", "/tmp/a,b"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("VMMGATE_VMM_FLAVOR", "rust"),
+        ("VMMGATE_READY_TIMEOUT", "soon"),
+        ("VMMGATE_READY_TIMEOUT", "0"),
+        ("VMMGATE_DEFAULT_VCPUS", "0"),
+        ("VMMGATE_VMM_COMMAND", ""),
+        ("VMMGATE_VMM_COMMAND", "'unclosed"),
+        ("VMMGATE_STATE_DIR", "/tmp/a,b"),
+    ],
+)
 def test_invalid_settings_are_refused(tmp_path: Path, key: str, value: str) -> None:
     """A bad value names the setting."""
-    with pytest.raises(ConfigError, match=key if key != "VMMGATE_STATE_DIR" else "comma"):
+    with pytest.raises(
+        ConfigError, match=key if key != "VMMGATE_STATE_DIR" else "comma"
+    ):
         config.load_settings({key: value}, cwd=tmp_path)
 
 
 def test_server_settings(tmp_path: Path) -> None:
     """gunicorn: 2 workers by default; its timeout outlasts the longest request."""
-    environ = {"ROCKET_CONFIG": str(tmp_path / "Rocket.toml"), "VMMGATE_RPC_TIMEOUT": "100"}
+    environ = {
+        "ROCKET_CONFIG": str(tmp_path / "Rocket.toml"),
+        "VMMGATE_RPC_TIMEOUT": "100",
+    }
     (tmp_path / "Rocket.toml").write_text(ORIGINAL)
     server = config.server_settings(environ, tmp_path)
     assert (server.workers, server.threads) == (2, 4)
     assert server.timeout >= 100
     assert server.bind.gunicorn_bind == "0.0.0.0:8010"
-    assert config.server_settings({**environ, "VMMGATE_WORKERS": "3"}, tmp_path).workers == 3
+    assert (
+        config.server_settings({**environ, "VMMGATE_WORKERS": "3"}, tmp_path).workers
+        == 3
+    )
     with pytest.raises(ConfigError, match="VMMGATE_WORKERS"):
         config.server_settings({**environ, "VMMGATE_WORKERS": "0"}, tmp_path)

@@ -22,9 +22,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn (2 workers) with the fake VMM and a temporary state dir."""
     base = tmp_path_factory.mktemp("gunicorn")
     (base / "vmlinuz").write_bytes(b"fake kernel")
-    srv = make_server(base / "state", base / "gunicorn.log",
-                      VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
-                      VMMGATE_KERNEL_ROOTS=str(base), FAKE_VMM_MODE="ok")
+    srv = make_server(
+        base / "state",
+        base / "gunicorn.log",
+        VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
+        VMMGATE_KERNEL_ROOTS=str(base),
+        FAKE_VMM_MODE="ok",
+    )
     srv.start()
     try:
         yield srv
@@ -35,8 +39,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 def _boot(server: Server) -> dict[str, int]:
     """Create a VM and return the /create answer."""
-    body = {"cpu_snapshot_path": "<cpu_path>", "memory_snapshot_path": "<memory_path>",
-            "kernel_path": str(server.state.parent / "vmlinuz"), "resume": False}
+    body = {
+        "cpu_snapshot_path": "<cpu_path>",
+        "memory_snapshot_path": "<memory_path>",
+        "kernel_path": str(server.state.parent / "vmlinuz"),
+        "resume": False,
+    }
     response = server.post("/create", body)
     assert response.status == 200, response.text
     return response.json
@@ -46,9 +54,14 @@ def test_listens_on_rocket_address_with_two_workers(server: Server) -> None:
     """ROCKET_ADDRESS/ROCKET_PORT pick the bind; 2 workers; errors are JSON."""
     assert len(server.workers()) == 2
     response = server.request("GET", "/create")
-    assert response.status == 405 and response.headers["Content-Type"] == "application/json"
+    assert (
+        response.status == 405
+        and response.headers["Content-Type"] == "application/json"
+    )
     assert response.json["error"]["reason"] == "Method Not Allowed"
-    response = server.request("POST", "/create", "{", {"Content-Type": "application/x-www-form-urlencoded"})
+    response = server.request(
+        "POST", "/create", "{", {"Content-Type": "application/x-www-form-urlencoded"}
+    )
     assert response.status == 400 and response.json["error"]["code"] == 400
 
 
@@ -65,8 +78,11 @@ def test_ten_concurrent_creates_get_ten_ports(server: Server) -> None:
         assert record is not None
         server.stop_vm(record)
     # Each launching worker's reaper records the exit.
-    wait_for(lambda: all(server.registry.find_live_by_port(p) is None for p in ports), 10,
-             "the registry to record the exits")
+    wait_for(
+        lambda: all(server.registry.find_live_by_port(p) is None for p in ports),
+        10,
+        "the registry to record the exits",
+    )
 
 
 def test_killed_worker_leaves_its_vms_snapshotable(server: Server) -> None:
@@ -77,21 +93,34 @@ def test_killed_worker_leaves_its_vms_snapshotable(server: Server) -> None:
     worker = record.launcher_pid
     assert worker in server.workers()
     os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: worker not in server.workers() and len(server.workers()) == 2, 30,
-             "gunicorn to replace the killed worker")
+    wait_for(
+        lambda: worker not in server.workers() and len(server.workers()) == 2,
+        30,
+        "gunicorn to replace the killed worker",
+    )
     assert is_same_process(record.pid, record.pid_start_time)
     # The master is a child subreaper: it adopted the orphaned VMM.
     with open(f"/proc/{record.pid}/stat", "rb") as stat_file:
         data = stat_file.read()
-    assert int(data[data.rindex(b")") + 2:].split()[1]) == server.pid
-    body = {"cpu_snapshot_path": str(server.state / "c"), "memory_snapshot_path": str(server.state / "m"),
-            "rpc_port": answer["port"], "resume": True}
+    assert int(data[data.rindex(b")") + 2 :].split()[1]) == server.pid
+    body = {
+        "cpu_snapshot_path": str(server.state / "c"),
+        "memory_snapshot_path": str(server.state / "m"),
+        "rpc_port": answer["port"],
+        "resume": True,
+    }
     response = server.post("/snapshot", body)
     assert response.status == 200 and response.json == "Snapshot taken successfully"
     server.stop_vm(record)
     # Adopted and reaped by the master: no zombie left behind.
-    wait_for(lambda: proc_start_time(record.pid) is None and not os.path.exists(f"/proc/{record.pid}"),
-             10, "the orphaned VMM to be reaped")
+    wait_for(
+        lambda: (
+            proc_start_time(record.pid) is None
+            and not os.path.exists(f"/proc/{record.pid}")
+        ),
+        10,
+        "the orphaned VMM to be reaped",
+    )
     response = server.post("/snapshot", body)
     assert response.status == 404, response.text
     assert json.loads(response.text)["error"]["code"] == 404

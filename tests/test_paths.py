@@ -36,8 +36,12 @@ def test_relative_and_absolute_kernels(policy: PathPolicy, tree: Path) -> None:
     assert policy.kernel(str(expected)) == expected
 
 
-@pytest.mark.parametrize("raw", ["../outside/secret", "/etc/passwd", "snaps/../../outside/secret", "/"])
-def test_escapes_are_refused_naming_roots_and_setting(policy: PathPolicy, raw: str) -> None:
+@pytest.mark.parametrize(
+    "raw", ["../outside/secret", "/etc/passwd", "snaps/../../outside/secret", "/"]
+)
+def test_escapes_are_refused_naming_roots_and_setting(
+    policy: PathPolicy, raw: str
+) -> None:
     """Outside the roots: the error names the roots and the setting."""
     with pytest.raises(PathRefused, match="outside the allowed kernel roots") as info:
         policy.kernel(raw)
@@ -54,7 +58,9 @@ def test_final_symlink_out_of_root_is_refused(policy: PathPolicy, tree: Path) ->
         policy.snapshot_target("link", "cpu_snapshot_path")
 
 
-def test_intermediate_symlink_out_of_root_is_refused(policy: PathPolicy, tree: Path) -> None:
+def test_intermediate_symlink_out_of_root_is_refused(
+    policy: PathPolicy, tree: Path
+) -> None:
     """A symlinked directory leading out is refused, for reading and writing."""
     (tree / "work" / "door").symlink_to(tree / "outside")
     with pytest.raises(PathRefused, match="outside"):
@@ -71,14 +77,18 @@ def test_symlink_inside_root_is_fine(policy: PathPolicy, tree: Path) -> None:
     assert policy.kernel("current") == tree / "work" / "vmlinuz"
 
 
-def test_dangling_symlink_out_is_refused_for_writing(policy: PathPolicy, tree: Path) -> None:
+def test_dangling_symlink_out_is_refused_for_writing(
+    policy: PathPolicy, tree: Path
+) -> None:
     """A dangling link to outside cannot be used to create a file there."""
     (tree / "work" / "trap").symlink_to(tree / "outside" / "created")
     with pytest.raises(PathRefused, match="outside"):
         policy.snapshot_target("trap", "memory_snapshot_path")
 
 
-@pytest.mark.parametrize("raw", ["vm\0linuz", "vm\nlinuz", "a\rb", "\x1b[31m", "x\x7f", ""])
+@pytest.mark.parametrize(
+    "raw", ["vm\0linuz", "vm\nlinuz", "a\rb", "\x1b[31m", "x\x7f", ""]
+)
 def test_control_characters_and_empty(policy: PathPolicy, raw: str) -> None:
     """NUL, newline and other control characters are refused outright."""
     with pytest.raises(PathRefused):
@@ -122,7 +132,9 @@ def test_snapshot_targets(policy: PathPolicy, tree: Path) -> None:
         policy.snapshot_target("snaps", "c")
 
 
-@pytest.mark.parametrize("raw", ["-rf", "a b", "$(touch x)", "; rm", "a'b", "<cpu_path>"])
+@pytest.mark.parametrize(
+    "raw", ["-rf", "a b", "$(touch x)", "; rm", "a'b", "<cpu_path>"]
+)
 def test_odd_names_are_literal(policy: PathPolicy, tree: Path, raw: str) -> None:
     """Shell-looking names are just names under the root."""
     assert policy.snapshot_target(raw, "c") == tree / "work" / raw
@@ -130,8 +142,11 @@ def test_odd_names_are_literal(policy: PathPolicy, tree: Path, raw: str) -> None
 
 def test_several_roots(tree: Path) -> None:
     """A path under any root is accepted."""
-    policy = PathPolicy(cwd=tree / "work", kernel_roots=(tree / "work", tree / "outside"),
-                        snapshot_roots=(tree / "work",))
+    policy = PathPolicy(
+        cwd=tree / "work",
+        kernel_roots=(tree / "work", tree / "outside"),
+        snapshot_roots=(tree / "work",),
+    )
     assert policy.kernel("../outside/secret") == tree / "outside" / "secret"
     with pytest.raises(PathRefused, match="VMMGATE_SNAPSHOT_ROOTS"):
         policy.snapshot_source("../outside/secret", "cpu_snapshot_path")

@@ -35,10 +35,24 @@ def registry(tmp_path: Path) -> Registry:
 def _record(port: int, **changes: object) -> VmRecord:
     """A starting VM on ``port``."""
     record = VmRecord(
-        id=new_vm_id(), kind=VmKind.BOOT, state=VmState.STARTING, port=port, pid=None,
-        pid_start_time=None, launcher_pid=os.getpid(), kernel_path="/k", cpu_snapshot_path=None,
-        memory_snapshot_path=None, memory_mib=256, vcpus=1, tap_device=None, vm_dir="/d",
-        created_at=time.time(), exited_at=None, exit_status=None)
+        id=new_vm_id(),
+        kind=VmKind.BOOT,
+        state=VmState.STARTING,
+        port=port,
+        pid=None,
+        pid_start_time=None,
+        launcher_pid=os.getpid(),
+        kernel_path="/k",
+        cpu_snapshot_path=None,
+        memory_snapshot_path=None,
+        memory_mib=256,
+        vcpus=1,
+        tap_device=None,
+        vm_dir="/d",
+        created_at=time.time(),
+        exited_at=None,
+        exit_status=None,
+    )
     return replace(record, **changes)  # type: ignore[arg-type]
 
 
@@ -46,6 +60,7 @@ def test_create_is_idempotent_and_uses_wal(registry: Registry) -> None:
     """Creating twice is harmless; the journal is WAL for concurrent workers."""
     registry.create()
     import sqlite3
+
     with sqlite3.connect(registry.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -60,18 +75,27 @@ def test_insert_get_and_lifecycle(registry: Registry) -> None:
     got = registry.get(record.id)
     assert got is not None
     assert (got.pid, got.pid_start_time, got.state, got.memory_mib, got.vcpus) == (
-        123, 456, VmState.RUNNING, 512, 2)
+        123,
+        456,
+        VmState.RUNNING,
+        512,
+        2,
+    )
     registry.set_state(record.id, VmState.PAUSED)
     assert registry.find_live_by_port(4000).state is VmState.PAUSED  # type: ignore[union-attr]
     registry.mark_ended(record.id, VmState.EXITED, 0)
     ended = registry.get(record.id)
-    assert ended is not None and ended.state is VmState.EXITED and ended.exit_status == 0
+    assert (
+        ended is not None and ended.state is VmState.EXITED and ended.exit_status == 0
+    )
     assert ended.exited_at is not None
     # An ended VM stays ended; a later unknown status does not erase the known one.
     registry.set_state(record.id, VmState.RUNNING)
     registry.mark_ended(record.id, VmState.FAILED, None)
     again = registry.get(record.id)
-    assert again is not None and again.state is VmState.EXITED and again.exit_status == 0
+    assert (
+        again is not None and again.state is VmState.EXITED and again.exit_status == 0
+    )
     assert registry.find_live_by_port(4000) is None
     assert [r.id for r in registry.find_by_port(4000)] == [record.id]
 
@@ -118,8 +142,12 @@ def test_concurrent_writers_across_processes(registry: Registry) -> None:
         "    reg.insert(VmRecord(new_vm_id(), VmKind.BOOT, VmState.EXITED, int(sys.argv[2]) + i,"
         " None, None, os.getpid(), None, None, None, None, None, None, '/d', time.time(), None, None))\n"
     )
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(registry.path), str(5000 + 100 * n)])
-             for n in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(registry.path), str(5000 + 100 * n)]
+        )
+        for n in range(4)
+    ]
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0, 0]
     assert len(registry.list()) == 80
 

@@ -41,9 +41,20 @@ def vmm(tmp_path: Path) -> Iterator[int]:
     sock.listen(16)
     port = sock.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, str(FAKE_VMM), "--kernel", "path=k", "--port", str(port),
-         "--listen-fd", str(sock.fileno())],
-        cwd=tmp_path, pass_fds=(sock.fileno(),), env={**os.environ, "FAKE_VMM_MODE": "ok"})
+        [
+            sys.executable,
+            str(FAKE_VMM),
+            "--kernel",
+            "path=k",
+            "--port",
+            str(port),
+            "--listen-fd",
+            str(sock.fileno()),
+        ],
+        cwd=tmp_path,
+        pass_fds=(sock.fileno(),),
+        env={**os.environ, "FAKE_VMM_MODE": "ok"},
+    )
     sock.close()
     try:
         yield port
@@ -64,21 +75,26 @@ def test_status_strings_are_decoded(vmm: int) -> None:
     assert isinstance(next(iter(status)), str)
 
 
-def test_snapshot_and_pause_sends_the_original_arguments(vmm: int, tmp_path: Path) -> None:
+def test_snapshot_and_pause_sends_the_original_arguments(
+    vmm: int, tmp_path: Path
+) -> None:
     """snapshot_and_pause(cpu, memory, port, resume) answers "Success"."""
     client = rpc.VmmClient(vmm, timeout=10)
     client.snapshot_and_pause(str(tmp_path / "c"), str(tmp_path / "m"), False)
     assert (tmp_path / "c").exists() and client.status()["state"] == "paused"
 
 
-@pytest.mark.parametrize(("message", "error"), [
-    ("invalid: the path is a directory", RemoteInvalid),
-    ("conflict: a snapshot is in progress", RemoteConflict),
-    ("io: [Errno 13] Permission denied: '/x'", RemoteIOError),
-    ("io: [Errno 28] No space left on device", RemoteNoSpace),
-    ("internal: QEMU said no", RemoteInternal),
-    ("something unexpected", RemoteInternal),
-])
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        ("invalid: the path is a directory", RemoteInvalid),
+        ("conflict: a snapshot is in progress", RemoteConflict),
+        ("io: [Errno 13] Permission denied: '/x'", RemoteIOError),
+        ("io: [Errno 28] No space left on device", RemoteNoSpace),
+        ("internal: QEMU said no", RemoteInternal),
+        ("something unexpected", RemoteInternal),
+    ],
+)
 def test_remote_errors_are_typed_by_kind(vmm: int, message: str, error: type) -> None:
     """The prefix of the VMM's message picks the error class; the message is kept."""
     with pytest.raises(error) as info:

@@ -17,10 +17,18 @@ from vmmgate.schemas import (
     parse_json,
 )
 
-CREATE = {"cpu_snapshot_path": "<cpu_path>", "memory_snapshot_path": "<memory_path>",
-          "kernel_path": "../bzimage-hello-busybox", "resume": False}
-SNAPSHOT = {"cpu_snapshot_path": "cpu", "memory_snapshot_path": "mem", "rpc_port": 34975,
-            "resume": True}
+CREATE = {
+    "cpu_snapshot_path": "<cpu_path>",
+    "memory_snapshot_path": "<memory_path>",
+    "kernel_path": "../bzimage-hello-busybox",
+    "resume": False,
+}
+SNAPSHOT = {
+    "cpu_snapshot_path": "cpu",
+    "memory_snapshot_path": "mem",
+    "rpc_port": 34975,
+    "resume": True,
+}
 
 
 def test_create_loads_the_postman_body() -> None:
@@ -30,11 +38,16 @@ def test_create_loads_the_postman_body() -> None:
 
 def test_create_loads_tap_device_and_config() -> None:
     """The later original's optional fields load, nested config included."""
-    body = {**CREATE, "tap_device": "vmtap100",
-            "config": {"username": "anirudha", "password": "random", "id": 10}}
+    body = {
+        **CREATE,
+        "tap_device": "vmtap100",
+        "config": {"username": "anirudha", "password": "random", "id": 10},
+    }
     request = load(CREATE_REQUEST, body)
     assert request.tap_device == "vmtap100"
-    assert request.config == StarterConfig(username="anirudha", password="random", id=10)
+    assert request.config == StarterConfig(
+        username="anirudha", password="random", id=10
+    )
 
 
 def test_optional_fields_accept_null() -> None:
@@ -45,7 +58,9 @@ def test_optional_fields_accept_null() -> None:
 
 def test_unknown_keys_are_ignored() -> None:
     """serde ignored unknown keys, so do we."""
-    assert load(SNAPSHOT_REQUEST, {**SNAPSHOT, "extra": 1}) == SnapshotRequest(**SNAPSHOT)
+    assert load(SNAPSHOT_REQUEST, {**SNAPSHOT, "extra": 1}) == SnapshotRequest(
+        **SNAPSHOT
+    )
 
 
 @pytest.mark.parametrize("field", sorted(CREATE))
@@ -64,7 +79,9 @@ def test_snapshot_requires_each_field(field: str) -> None:
         load(SNAPSHOT_REQUEST, body)
 
 
-@pytest.mark.parametrize("port", ["8080", 8080.5, 8080.0, True, None, [8080], 0, 65536, -1])
+@pytest.mark.parametrize(
+    "port", ["8080", 8080.5, 8080.0, True, None, [8080], 0, 65536, -1]
+)
 def test_rpc_port_is_a_strict_u16(port: object) -> None:
     """No strings, floats, booleans; 1..65535."""
     with pytest.raises(InvalidBody, match="rpc_port"):
@@ -85,20 +102,25 @@ def test_paths_are_strings(value: object) -> None:
         load(CREATE_REQUEST, {**CREATE, "kernel_path": value})
 
 
-@pytest.mark.parametrize("config", [
-    {"username": "u", "password": "p"},
-    {"username": "u", "password": "p", "id": "1"},
-    {"username": "u", "password": "p", "id": -1},
-    {"username": 1, "password": "p", "id": 1},
-    "user:pass",
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"username": "u", "password": "p"},
+        {"username": "u", "password": "p", "id": "1"},
+        {"username": "u", "password": "p", "id": -1},
+        {"username": 1, "password": "p", "id": 1},
+        "user:pass",
+    ],
+)
 def test_config_types(config: object) -> None:
     """config is an object of two strings and a u32."""
     with pytest.raises(InvalidBody, match="config"):
         load(CREATE_REQUEST, {**CREATE, "config": config})
 
 
-@pytest.mark.parametrize("name", ["", "a" * 16, "a/b", "a b", "a:b", ".", "..", "-x", "tap\n", "täp"])
+@pytest.mark.parametrize(
+    "name", ["", "a" * 16, "a/b", "a b", "a:b", ".", "..", "-x", "tap\n", "täp"]
+)
 def test_tap_device_must_be_an_interface_name(name: str) -> None:
     """tap_device follows Linux's interface name rules (and no leading '-')."""
     with pytest.raises(InvalidBody, match="tap_device"):
@@ -118,8 +140,18 @@ def test_body_must_be_an_object(body: object) -> None:
         load(CREATE_REQUEST, body)
 
 
-@pytest.mark.parametrize("raw", [b"", b"{", b"{'a': 1}", b"NaN", b'{"a": Infinity}', b"\xff\xfe",
-                                 b'{"a": 1} trailing'])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"{",
+        b"{'a': 1}",
+        b"NaN",
+        b'{"a": Infinity}',
+        b"\xff\xfe",
+        b'{"a": 1} trailing',
+    ],
+)
 def test_malformed_json(raw: bytes) -> None:
     """Syntax errors, empty bodies, NaN and bad UTF-8 are malformed (400)."""
     with pytest.raises(MalformedBody):

@@ -30,7 +30,9 @@ def _stub_dir(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _run(tmp_path: Path, config: StarterConfig, shell: list[str]) -> tuple[list[str], str]:
+def _run(
+    tmp_path: Path, config: StarterConfig, shell: list[str]
+) -> tuple[list[str], str]:
     """Render and run the script with stubs first on PATH; return the calls and chpasswd input."""
     bin_dir = _stub_dir(tmp_path)
     # PATH holds the stubs only, so no real tool can ever run from the script.
@@ -46,7 +48,9 @@ def _run(tmp_path: Path, config: StarterConfig, shell: list[str]) -> tuple[list[
 @pytest.mark.parametrize("shell", SHELLS, ids=lambda s: Path(s[0]).name)
 def test_script_does_what_the_original_did(tmp_path: Path, shell: list[str]) -> None:
     """Address on eth0, link up, dropbear, adduser, chpasswd with user:password."""
-    calls, stdin = _run(tmp_path, StarterConfig(username="anirudha", password="random", id=10), shell)
+    calls, stdin = _run(
+        tmp_path, StarterConfig(username="anirudha", password="random", id=10), shell
+    )
     assert calls == [
         "ip addr add 192.168.210.2/24 dev eth0",
         "ip link set eth0 up",
@@ -76,19 +80,37 @@ HOSTILE_PASSWORDS = [
 
 @pytest.mark.parametrize("shell", SHELLS, ids=lambda s: Path(s[0]).name)
 @pytest.mark.parametrize("template", HOSTILE_PASSWORDS)
-def test_hostile_password_is_passed_literally(tmp_path: Path, template: str, shell: list[str]) -> None:
+def test_hostile_password_is_passed_literally(
+    tmp_path: Path, template: str, shell: list[str]
+) -> None:
     """Whatever the password, the shell runs no command of it and chpasswd gets it verbatim."""
     marker = tmp_path / "INJECTED"
     password = template.format(m=marker)
-    _calls, stdin = _run(tmp_path, StarterConfig(username="bob", password=password, id=0), shell)
+    _calls, stdin = _run(
+        tmp_path, StarterConfig(username="bob", password=password, id=0), shell
+    )
     assert not marker.exists()
     assert stdin == f"bob:{password}\n"
 
 
-@pytest.mark.parametrize("username", [
-    "", "Root", "1abc", "a" * 33, "bob; touch x", "$(id)", "a b", "bob\n", "-rf", "ab:c", "bob'",
-    "../x", "é",
-])
+@pytest.mark.parametrize(
+    "username",
+    [
+        "",
+        "Root",
+        "1abc",
+        "a" * 33,
+        "bob; touch x",
+        "$(id)",
+        "a b",
+        "bob\n",
+        "-rf",
+        "ab:c",
+        "bob'",
+        "../x",
+        "é",
+    ],
+)
 def test_bad_usernames_are_refused(username: str) -> None:
     """Only ^[a-z_][a-z0-9_-]{0,31}$ user names."""
     with pytest.raises(StarterConfigError, match="config.username"):

@@ -85,9 +85,13 @@ class Settings:
 class _PathList(fields.Field):
     """A list of directories: a list, or a string split on os.pathsep."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> list[str]:
         items = value.split(os.pathsep) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, Path)) for i in items):
+        if not isinstance(items, (list, tuple)) or not all(
+            isinstance(i, (str, Path)) for i in items
+        ):
             raise ValidationError(f"Expected directories separated by {os.pathsep!r}.")
         return [str(i) for i in items if str(i)]
 
@@ -95,7 +99,9 @@ class _PathList(fields.Field):
 class _Command(fields.Field):
     """A command line: a list of words, or a string split like a shell would."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> list[str]:
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> list[str]:
         try:
             words = shlex.split(value) if isinstance(value, str) else list(value)
         except (ValueError, TypeError) as exc:
@@ -116,22 +122,44 @@ class SettingsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    state_dir = fields.String(data_key="VMMGATE_STATE_DIR", allow_none=True, load_default=None)
-    vmm_command = _Command(data_key="VMMGATE_VMM_COMMAND", allow_none=True, load_default=None)
-    vmm_flavor = fields.String(data_key="VMMGATE_VMM_FLAVOR", load_default="bundled",
-                               validate=validate.OneOf(FLAVORS))
+    state_dir = fields.String(
+        data_key="VMMGATE_STATE_DIR", allow_none=True, load_default=None
+    )
+    vmm_command = _Command(
+        data_key="VMMGATE_VMM_COMMAND", allow_none=True, load_default=None
+    )
+    vmm_flavor = fields.String(
+        data_key="VMMGATE_VMM_FLAVOR",
+        load_default="bundled",
+        validate=validate.OneOf(FLAVORS),
+    )
     ready_timeout = _seconds(data_key="VMMGATE_READY_TIMEOUT", load_default=30.0)
-    rpc_connect_timeout = _seconds(data_key="VMMGATE_RPC_CONNECT_TIMEOUT", load_default=2.0)
+    rpc_connect_timeout = _seconds(
+        data_key="VMMGATE_RPC_CONNECT_TIMEOUT", load_default=2.0
+    )
     rpc_timeout = _seconds(data_key="VMMGATE_RPC_TIMEOUT", load_default=60.0)
     stop_timeout = _seconds(data_key="VMMGATE_STOP_TIMEOUT", load_default=10.0)
-    kernel_roots = _PathList(data_key="VMMGATE_KERNEL_ROOTS", allow_none=True, load_default=None)
-    snapshot_roots = _PathList(data_key="VMMGATE_SNAPSHOT_ROOTS", allow_none=True, load_default=None)
-    default_memory_mib = fields.Integer(data_key="VMMGATE_DEFAULT_MEMORY_MIB", load_default=256,
-                                        validate=validate.Range(min=16, max=1 << 20))
-    default_vcpus = fields.Integer(data_key="VMMGATE_DEFAULT_VCPUS", load_default=1,
-                                   validate=validate.Range(min=1, max=255))
-    max_body_bytes = fields.Integer(data_key="VMMGATE_MAX_BODY_BYTES", load_default=1 << 20,
-                                    validate=validate.Range(min=1024))
+    kernel_roots = _PathList(
+        data_key="VMMGATE_KERNEL_ROOTS", allow_none=True, load_default=None
+    )
+    snapshot_roots = _PathList(
+        data_key="VMMGATE_SNAPSHOT_ROOTS", allow_none=True, load_default=None
+    )
+    default_memory_mib = fields.Integer(
+        data_key="VMMGATE_DEFAULT_MEMORY_MIB",
+        load_default=256,
+        validate=validate.Range(min=16, max=1 << 20),
+    )
+    default_vcpus = fields.Integer(
+        data_key="VMMGATE_DEFAULT_VCPUS",
+        load_default=1,
+        validate=validate.Range(min=1, max=255),
+    )
+    max_body_bytes = fields.Integer(
+        data_key="VMMGATE_MAX_BODY_BYTES",
+        load_default=1 << 20,
+        validate=validate.Range(min=1024),
+    )
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -145,9 +173,13 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
     try:
         data = SettingsSchema().load(present)
     except ValidationError as exc:
-        raise ConfigError("Invalid vmmgate setting: " + flatten_messages(exc.messages)) from exc
+        raise ConfigError(
+            "Invalid vmmgate setting: " + flatten_messages(exc.messages)
+        ) from exc
     cwd = Path(cwd or os.getcwd()).resolve()
-    state_dir = _absolute(data["state_dir"], cwd) if data["state_dir"] else state.state_dir()
+    state_dir = (
+        _absolute(data["state_dir"], cwd) if data["state_dir"] else state.state_dir()
+    )
     if "," in str(state_dir):
         # Start-up scripts live under it and the VMM command line uses "," as separator.
         raise ConfigError(f"VMMGATE_STATE_DIR must not contain a comma: {state_dir}")
@@ -235,7 +267,9 @@ class RocketProfileSchema(Schema):
         unknown = EXCLUDE
 
     address = fields.String(required=True, validate=_ip)
-    port = fields.Integer(required=True, strict=True, validate=validate.Range(min=0, max=65535))
+    port = fields.Integer(
+        required=True, strict=True, validate=validate.Range(min=0, max=65535)
+    )
 
 
 def find_rocket_toml(environ: Mapping[str, str], cwd: Path) -> Path | None:
@@ -250,7 +284,9 @@ def find_rocket_toml(environ: Mapping[str, str], cwd: Path) -> Path | None:
     return SHIPPED_ROCKET_TOML if SHIPPED_ROCKET_TOML.is_file() else None
 
 
-def rocket_profile(document: Mapping[str, Any], profile: str, source: str) -> dict[str, Any]:
+def rocket_profile(
+    document: Mapping[str, Any], profile: str, source: str
+) -> dict[str, Any]:
     """Merge default < ``profile`` < global, the way Rocket's nested TOML does."""
     merged: dict[str, Any] = {}
     for name in ("default", profile, "global"):
@@ -261,7 +297,9 @@ def rocket_profile(document: Mapping[str, Any], profile: str, source: str) -> di
     return merged
 
 
-def rocket_bind(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> BindAddress:
+def rocket_bind(
+    environ: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> BindAddress:
     """Return the bind address from Rocket.toml and ROCKET_* variables."""
     environ = os.environ if environ is None else environ
     cwd = Path(cwd or os.getcwd())
@@ -282,13 +320,17 @@ def rocket_bind(environ: Mapping[str, str] | None = None, cwd: Path | None = Non
         try:
             values["port"] = int(environ["ROCKET_PORT"])
         except ValueError as exc:
-            raise ConfigError(f"ROCKET_PORT must be an integer, not {environ['ROCKET_PORT']!r}") from exc
+            raise ConfigError(
+                f"ROCKET_PORT must be an integer, not {environ['ROCKET_PORT']!r}"
+            ) from exc
         source += " + ROCKET_PORT"
     try:
         data = RocketProfileSchema().load(values)
     except ValidationError as exc:
-        raise ConfigError(f"Invalid Rocket settings (profile {profile!r}, {source}): "
-                          + flatten_messages(exc.messages)) from exc
+        raise ConfigError(
+            f"Invalid Rocket settings (profile {profile!r}, {source}): "
+            + flatten_messages(exc.messages)
+        ) from exc
     return BindAddress(address=data["address"], port=data["port"])
 
 
@@ -308,22 +350,38 @@ class _ServerSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    workers = fields.Integer(data_key="VMMGATE_WORKERS", load_default=2,
-                             validate=validate.Range(min=1, max=64))
-    threads = fields.Integer(data_key="VMMGATE_THREADS", load_default=4,
-                             validate=validate.Range(min=1, max=256))
+    workers = fields.Integer(
+        data_key="VMMGATE_WORKERS",
+        load_default=2,
+        validate=validate.Range(min=1, max=64),
+    )
+    threads = fields.Integer(
+        data_key="VMMGATE_THREADS",
+        load_default=4,
+        validate=validate.Range(min=1, max=256),
+    )
 
 
-def server_settings(environ: Mapping[str, str] | None = None, cwd: Path | None = None) -> ServerSettings:
+def server_settings(
+    environ: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> ServerSettings:
     """Return gunicorn's bind address, worker/thread counts and request timeout."""
     environ = os.environ if environ is None else environ
     try:
-        data = _ServerSchema().load({k: environ[k] for k in SERVER_KEYS if k in environ})
+        data = _ServerSchema().load(
+            {k: environ[k] for k in SERVER_KEYS if k in environ}
+        )
     except ValidationError as exc:
-        raise ConfigError("Invalid gunicorn setting: " + flatten_messages(exc.messages)) from exc
+        raise ConfigError(
+            "Invalid gunicorn setting: " + flatten_messages(exc.messages)
+        ) from exc
     app_settings = load_settings(from_environ(environ), cwd)
     # A request may wait for a VMM to get ready or for a long RPC call; the
     # worker must outlive both or gunicorn would kill it mid-request.
     timeout = int(max(app_settings.ready_timeout, app_settings.rpc_timeout) + 30)
-    return ServerSettings(bind=rocket_bind(environ, cwd), workers=data["workers"],
-                          threads=data["threads"], timeout=timeout)
+    return ServerSettings(
+        bind=rocket_bind(environ, cwd),
+        workers=data["workers"],
+        threads=data["threads"],
+        timeout=timeout,
+    )

@@ -102,12 +102,15 @@ class LaunchError(VmmgateError):
 class VmmStartError(LaunchError):
     """The VMM exited (or could not be executed) before it was ready."""
 
-    def __init__(self, message: str, *, exit_code: int | None, argv: Sequence[str],
-                 log_tail: str) -> None:
+    def __init__(
+        self, message: str, *, exit_code: int | None, argv: Sequence[str], log_tail: str
+    ) -> None:
         self.exit_code = exit_code
         self.argv = list(argv)
         self.log_tail = log_tail
-        detail = f"{message} (exit code {exit_code})" if exit_code is not None else message
+        detail = (
+            f"{message} (exit code {exit_code})" if exit_code is not None else message
+        )
         if log_tail:
             detail += "; last lines of its log:\n" + log_tail
         super().__init__(detail)
@@ -119,7 +122,9 @@ class VmmReadyTimeout(LaunchError):
     def __init__(self, message: str, *, argv: Sequence[str], log_tail: str) -> None:
         self.argv = list(argv)
         self.log_tail = log_tail
-        super().__init__(message + ("; last lines of its log:\n" + log_tail if log_tail else ""))
+        super().__init__(
+            message + ("; last lines of its log:\n" + log_tail if log_tail else "")
+        )
 
 
 class NoFreePort(LaunchError):
@@ -174,12 +179,20 @@ class RemoteInternal(RpcRemoteError):
 def flatten_messages(messages: object, prefix: str = "") -> str:
     """Render nested marshmallow messages as ``a.b: msg; c: msg``."""
     if isinstance(messages, Mapping):
-        parts = [flatten_messages(value, f"{prefix}{key}.") for key, value in sorted(
-            messages.items(), key=lambda item: str(item[0]))]
+        parts = [
+            flatten_messages(value, f"{prefix}{key}.")
+            for key, value in sorted(messages.items(), key=lambda item: str(item[0]))
+        ]
         return "; ".join(part for part in parts if part)
     if isinstance(messages, (list, tuple)):
-        text = " ".join(str(m) for m in messages if not isinstance(m, (Mapping, list, tuple)))
-        nested = [flatten_messages(m, prefix) for m in messages if isinstance(m, (Mapping, list, tuple))]
+        text = " ".join(
+            str(m) for m in messages if not isinstance(m, (Mapping, list, tuple))
+        )
+        nested = [
+            flatten_messages(m, prefix)
+            for m in messages
+            if isinstance(m, (Mapping, list, tuple))
+        ]
         head = f"{prefix[:-1]}: {text}" if prefix and text else text
         return "; ".join(part for part in [head, *nested] if part)
     return f"{prefix[:-1]}: {messages}" if prefix else str(messages)

@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Status per error class; the most specific class in an error's MRO wins.
 STATUS: dict[type[VmmgateError], int] = {
-    MalformedBody: 400,             # Rocket's Json guard: syntax error
-    InvalidRequest: 422,            # Rocket's Json guard: data error; and our checks
+    MalformedBody: 400,  # Rocket's Json guard: syntax error
+    InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
     VmNotFound: 404,
     VmConflict: 409,
     VmmStartError: 500,
@@ -81,7 +81,9 @@ def reason(code: int) -> str:
 
 def error_response(code: int, description: str | None) -> Response:
     """Build the original server's error body with status ``code``."""
-    body = ERROR.dump({"error": {"code": code, "reason": reason(code), "description": description}})
+    body = ERROR.dump(
+        {"error": {"code": code, "reason": reason(code), "description": description}}
+    )
     response = jsonify(body)
     response.status_code = code
     return response

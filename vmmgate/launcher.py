@@ -96,8 +96,14 @@ class RunFiles:
         return self.vm_dir / "starter.sh"
 
 
-def build_argv(command: Sequence[str], flavor: str, spec: LaunchSpec, port: int,
-               files: RunFiles, listen_fd: int | None = None) -> list[str]:
+def build_argv(
+    command: Sequence[str],
+    flavor: str,
+    spec: LaunchSpec,
+    port: int,
+    files: RunFiles,
+    listen_fd: int | None = None,
+) -> list[str]:
     """Return the VMM command line for ``spec`` (``flavor``: bundled or original)."""
     argv = list(command)
     if spec.kind is VmKind.BOOT:
@@ -106,7 +112,12 @@ def build_argv(command: Sequence[str], flavor: str, spec: LaunchSpec, port: int,
             kernel += f",starter_file={files.starter_file}"
         argv += ["--kernel", kernel]
     else:
-        argv += ["--cpu_path", str(spec.cpu_path), "--memory_path", str(spec.memory_path)]
+        argv += [
+            "--cpu_path",
+            str(spec.cpu_path),
+            "--memory_path",
+            str(spec.memory_path),
+        ]
     argv += ["--port", str(port)]
     if flavor == "original":
         return argv
@@ -140,9 +151,16 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 16384) -> str
 class VmmProcess:
     """One VMM process: its argv, log, run directory, Popen and reaper thread."""
 
-    def __init__(self, vm_id: str, argv: Sequence[str], files: RunFiles, *,
-                 env: dict[str, str], pass_fds: Sequence[int] = (),
-                 on_exit: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        vm_id: str,
+        argv: Sequence[str],
+        files: RunFiles,
+        *,
+        env: dict[str, str],
+        pass_fds: Sequence[int] = (),
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         self.vm_id = vm_id
         self.argv = list(argv)
         self.files = files
@@ -169,13 +187,25 @@ class VmmProcess:
         with open(self.files.vmm_log, "ab") as out:
             try:
                 self._popen = subprocess.Popen(
-                    self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                    cwd=self.files.vm_dir, env=self._env, pass_fds=self._pass_fds,
-                    start_new_session=True)
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.files.vm_dir,
+                    env=self._env,
+                    pass_fds=self._pass_fds,
+                    start_new_session=True,
+                )
             except OSError as exc:
-                raise VmmStartError(f"Cannot execute the VMM command: {exc}", exit_code=None,
-                                    argv=self.argv, log_tail="") from exc
-        threading.Thread(target=self._reap, name=f"vmm-reaper-{self.vm_id}", daemon=True).start()
+                raise VmmStartError(
+                    f"Cannot execute the VMM command: {exc}",
+                    exit_code=None,
+                    argv=self.argv,
+                    log_tail="",
+                ) from exc
+        threading.Thread(
+            target=self._reap, name=f"vmm-reaper-{self.vm_id}", daemon=True
+        ).start()
         return self._popen.pid
 
     def _reap(self) -> None:
@@ -183,7 +213,9 @@ class VmmProcess:
         assert self._popen is not None
         self.returncode = self._popen.wait()
         self._exited.set()
-        self.log.info("VMM pid %s exited with status %s", self._popen.pid, self.returncode)
+        self.log.info(
+            "VMM pid %s exited with status %s", self._popen.pid, self.returncode
+        )
         if self._on_exit is not None:
             try:
                 self._on_exit(self.returncode)
@@ -209,7 +241,9 @@ class VmmProcess:
             pass
         if self.wait_exit(timeout):
             return
-        self.log.warning("VMM pid %s ignored SIGTERM for %.1f s; killing it", self.pid, timeout)
+        self.log.warning(
+            "VMM pid %s ignored SIGTERM for %.1f s; killing it", self.pid, timeout
+        )
         try:
             # The VMM leads its own session and group: this also takes its QEMU.
             os.killpg(self.pid, signal.SIGKILL)
@@ -257,14 +291,18 @@ class Launcher:
         if self.settings.vmm_flavor == "original" and spec.tap_device is not None:
             raise UnsupportedOption(
                 "tap_device needs vmmgate's bundled VMM; the configured VMM "
-                "(VMMGATE_VMM_FLAVOR=original) takes only --kernel/--cpu_path/--memory_path/--port.")
+                "(VMMGATE_VMM_FLAVOR=original) takes only --kernel/--cpu_path/--memory_path/--port."
+            )
 
     def launch(self, spec: LaunchSpec) -> VmRecord:
         """Start a VMM for ``spec``, wait until it answers, and return its record."""
         self.check_supported(spec)
         if spec.kind is VmKind.BOOT and self.settings.vmm_flavor == "bundled":
-            spec = replace(spec, memory_mib=spec.memory_mib or self.settings.default_memory_mib,
-                           vcpus=spec.vcpus or self.settings.default_vcpus)
+            spec = replace(
+                spec,
+                memory_mib=spec.memory_mib or self.settings.default_memory_mib,
+                vcpus=spec.vcpus or self.settings.default_vcpus,
+            )
         if self.settings.vmm_flavor == "bundled":
             return self._launch_with_socket(spec)
         return self._launch_with_port(spec)
@@ -290,9 +328,13 @@ class Launcher:
                 if self._reserve(vm_id, spec, files, port):
                     break
             else:
-                raise NoFreePort(f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts.")
+                raise NoFreePort(
+                    f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts."
+                )
             fd = sock.fileno()
-            argv = build_argv(self.settings.vmm_command, "bundled", spec, port, files, listen_fd=fd)
+            argv = build_argv(
+                self.settings.vmm_command, "bundled", spec, port, files, listen_fd=fd
+            )
             process = self._start(vm_id, argv, files, pass_fds=(fd,))
         finally:
             # The VMM has its own copy now; ours would keep the port open after it exits.
@@ -313,9 +355,14 @@ class Launcher:
                 # Someone outside the registry bound the port first: try another.
                 if attempt == PORT_ATTEMPTS or _port_is_free(port):
                     raise
-                log.warning("VM %s: port %s was taken before the VMM bound it; retrying",
-                            vm_id, port)
-        raise NoFreePort("No RPC port could be reserved.")  # pragma: no cover (loop returns/raises)
+                log.warning(
+                    "VM %s: port %s was taken before the VMM bound it; retrying",
+                    vm_id,
+                    port,
+                )
+        raise NoFreePort(
+            "No RPC port could be reserved."
+        )  # pragma: no cover (loop returns/raises)
 
     def _free_port(self, vm_id: str, spec: LaunchSpec, files: RunFiles) -> int:
         """Pick a port the kernel says is free and reserve it in the registry."""
@@ -325,18 +372,33 @@ class Launcher:
                 port = probe.getsockname()[1]
             if self._reserve(vm_id, spec, files, port):
                 return port
-        raise NoFreePort(f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts.")
+        raise NoFreePort(
+            f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts."
+        )
 
-    def _reserve(self, vm_id: str, spec: LaunchSpec, files: RunFiles, port: int) -> bool:
+    def _reserve(
+        self, vm_id: str, spec: LaunchSpec, files: RunFiles, port: int
+    ) -> bool:
         """Insert the VM as ``starting`` on ``port``; False if a live VM holds it."""
         record = VmRecord(
-            id=vm_id, kind=spec.kind, state=VmState.STARTING, port=port, pid=None,
-            pid_start_time=None, launcher_pid=os.getpid(),
+            id=vm_id,
+            kind=spec.kind,
+            state=VmState.STARTING,
+            port=port,
+            pid=None,
+            pid_start_time=None,
+            launcher_pid=os.getpid(),
             kernel_path=str(spec.kernel_path) if spec.kernel_path else None,
             cpu_snapshot_path=str(spec.cpu_path) if spec.cpu_path else None,
             memory_snapshot_path=str(spec.memory_path) if spec.memory_path else None,
-            memory_mib=spec.memory_mib, vcpus=spec.vcpus, tap_device=spec.tap_device,
-            vm_dir=str(files.vm_dir), created_at=time.time(), exited_at=None, exit_status=None)
+            memory_mib=spec.memory_mib,
+            vcpus=spec.vcpus,
+            tap_device=spec.tap_device,
+            vm_dir=str(files.vm_dir),
+            created_at=time.time(),
+            exited_at=None,
+            exit_status=None,
+        )
         for _ in range(2):
             try:
                 self.registry.insert(record)
@@ -366,11 +428,18 @@ class Launcher:
         env["PYTHONPATH"] = root if not path else f"{root}{os.pathsep}{path}"
         return env
 
-    def _start(self, vm_id: str, argv: list[str], files: RunFiles,
-               pass_fds: Sequence[int] = ()) -> VmmProcess:
+    def _start(
+        self, vm_id: str, argv: list[str], files: RunFiles, pass_fds: Sequence[int] = ()
+    ) -> VmmProcess:
         """Start the VMM process and record its pid; mark the VM failed if it cannot start."""
-        process = VmmProcess(vm_id, argv, files, env=self._environment(), pass_fds=pass_fds,
-                             on_exit=lambda status: self._on_exit(vm_id, status))
+        process = VmmProcess(
+            vm_id,
+            argv,
+            files,
+            env=self._environment(),
+            pass_fds=pass_fds,
+            on_exit=lambda status: self._on_exit(vm_id, status),
+        )
         try:
             pid = process.start()
         except VmmStartError:
@@ -383,10 +452,16 @@ class Launcher:
     def _on_exit(self, vm_id: str, status: int) -> None:
         """Reaper callback: record the exit status (a VM never ready counts as failed)."""
         record = self.registry.get(vm_id)
-        ended = VmState.FAILED if record and record.state is VmState.STARTING else VmState.EXITED
+        ended = (
+            VmState.FAILED
+            if record and record.state is VmState.STARTING
+            else VmState.EXITED
+        )
         self.registry.mark_ended(vm_id, ended, status)
 
-    def _await_ready(self, process: VmmProcess, port: int, spec: LaunchSpec) -> VmRecord:
+    def _await_ready(
+        self, process: VmmProcess, port: int, spec: LaunchSpec
+    ) -> VmRecord:
         """Wait until the VMM answers; on any failure stop it and mark the VM failed."""
         try:
             status = self._wait_ready(process, port)
@@ -394,13 +469,24 @@ class Launcher:
             process.stop(self.settings.stop_timeout)
             self.registry.mark_ended(process.vm_id, VmState.FAILED, process.returncode)
             raise
-        run_state = VmState.PAUSED if status.get("state") == "paused" else VmState.RUNNING
-        self.registry.set_running(process.vm_id, run_state, _int_or_none(status.get("memory_mib")),
-                                  _int_or_none(status.get("vcpus")))
+        run_state = (
+            VmState.PAUSED if status.get("state") == "paused" else VmState.RUNNING
+        )
+        self.registry.set_running(
+            process.vm_id,
+            run_state,
+            _int_or_none(status.get("memory_mib")),
+            _int_or_none(status.get("vcpus")),
+        )
         record = self.registry.get(process.vm_id)
         assert record is not None
-        process.log.info("VM %s (%s) ready: pid %s, port %s", record.id, spec.kind.value,
-                         record.pid, record.port)
+        process.log.info(
+            "VM %s (%s) ready: pid %s, port %s",
+            record.id,
+            spec.kind.value,
+            record.pid,
+            record.port,
+        )
         return record
 
     def _wait_ready(self, process: VmmProcess, port: int) -> dict[str, Any]:
@@ -409,13 +495,20 @@ class Launcher:
         client = VmmClient(port, connect_timeout=self.settings.rpc_connect_timeout)
         while True:
             if process.exited:
-                raise VmmStartError("The VMM exited before it was ready", exit_code=process.returncode,
-                                    argv=process.argv, log_tail=process.log_tail())
+                raise VmmStartError(
+                    "The VMM exited before it was ready",
+                    exit_code=process.returncode,
+                    argv=process.argv,
+                    log_tail=process.log_tail(),
+                )
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise VmmReadyTimeout(
                     f"The VMM did not become ready within {self.settings.ready_timeout:g} s "
-                    "(VMMGATE_READY_TIMEOUT)", argv=process.argv, log_tail=process.log_tail())
+                    "(VMMGATE_READY_TIMEOUT)",
+                    argv=process.argv,
+                    log_tail=process.log_tail(),
+                )
             probe = min(remaining, PROBE_INTERVAL_S)
             if self.settings.vmm_flavor == "original":
                 if _accepts(port, probe):

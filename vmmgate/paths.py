@@ -30,42 +30,60 @@ class PathPolicy:
 
     def kernel(self, raw: str, field: str = "kernel_path") -> Path:
         """Resolve a kernel image: a readable regular file under a kernel root."""
-        path = self._confine(raw, field, self.kernel_roots, "kernel", "VMMGATE_KERNEL_ROOTS")
+        path = self._confine(
+            raw, field, self.kernel_roots, "kernel", "VMMGATE_KERNEL_ROOTS"
+        )
         _require_readable_file(path, field, raw)
         if "," in str(path):
             # The VMM reads "--kernel path=K,starter_file=F": a comma makes it ambiguous.
-            raise PathRefused(f"{field} {raw!r} resolves to {str(path)!r}, which contains a comma; "
-                              "the VMM command line uses ',' as a separator, so rename the file.")
+            raise PathRefused(
+                f"{field} {raw!r} resolves to {str(path)!r}, which contains a comma; "
+                "the VMM command line uses ',' as a separator, so rename the file."
+            )
         return path
 
     def snapshot_source(self, raw: str, field: str) -> Path:
         """Resolve a snapshot file to restore from: a readable regular file under a root."""
-        path = self._confine(raw, field, self.snapshot_roots, "snapshot", "VMMGATE_SNAPSHOT_ROOTS")
+        path = self._confine(
+            raw, field, self.snapshot_roots, "snapshot", "VMMGATE_SNAPSHOT_ROOTS"
+        )
         _require_readable_file(path, field, raw)
         return path
 
     def snapshot_target(self, raw: str, field: str) -> Path:
         """Resolve a snapshot file to write: its directory exists, is writable, under a root."""
-        path = self._confine(raw, field, self.snapshot_roots, "snapshot", "VMMGATE_SNAPSHOT_ROOTS")
+        path = self._confine(
+            raw, field, self.snapshot_roots, "snapshot", "VMMGATE_SNAPSHOT_ROOTS"
+        )
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
             mode = None
         except OSError as exc:
-            raise PathRefused(f"{field} {raw!r} cannot be inspected: {exc.strerror}.") from exc
+            raise PathRefused(
+                f"{field} {raw!r} cannot be inspected: {exc.strerror}."
+            ) from exc
         if mode is not None and not stat.S_ISREG(mode):
-            raise PathRefused(f"{field} {raw!r} exists and is not a regular file; "
-                              "a snapshot can only replace a regular file.")
+            raise PathRefused(
+                f"{field} {raw!r} exists and is not a regular file; "
+                "a snapshot can only replace a regular file."
+            )
         parent = path.parent
         if not parent.is_dir():
-            raise PathRefused(f"{field} {raw!r}: the directory {str(parent)!r} does not exist; "
-                              "create it first.")
+            raise PathRefused(
+                f"{field} {raw!r}: the directory {str(parent)!r} does not exist; "
+                "create it first."
+            )
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise PathRefused(f"{field} {raw!r}: the directory {str(parent)!r} is not writable "
-                              "by the server.")
+            raise PathRefused(
+                f"{field} {raw!r}: the directory {str(parent)!r} is not writable "
+                "by the server."
+            )
         return path
 
-    def _confine(self, raw: str, field: str, roots: Sequence[Path], kind: str, setting: str) -> Path:
+    def _confine(
+        self, raw: str, field: str, roots: Sequence[Path], kind: str, setting: str
+    ) -> Path:
         """Check the text of ``raw``, resolve it and require it under one of ``roots``."""
         _check_text(raw, field)
         resolved = Path(os.path.realpath(os.path.join(self.cwd, raw)))
@@ -75,7 +93,8 @@ class PathPolicy:
                 f"{field} {raw!r} resolves to {str(resolved)!r}, which is outside the allowed "
                 f"{kind} roots ({shown}); relative paths are taken from the server's working "
                 f"directory ({self.cwd}). Add a root with {setting} "
-                f"(directories separated by {os.pathsep!r}).")
+                f"(directories separated by {os.pathsep!r})."
+            )
         return resolved
 
 
@@ -85,16 +104,24 @@ def _check_text(raw: str, field: str) -> None:
         raise PathRefused(f"{field} must not be empty.")
     bad = next((ch for ch in raw if ord(ch) < 0x20 or ord(ch) == 0x7F), None)
     if bad is not None:
-        raise PathRefused(f"{field} contains the control character {bad!r}; "
-                          "paths with NUL, newline or other control characters are refused.")
+        raise PathRefused(
+            f"{field} contains the control character {bad!r}; "
+            "paths with NUL, newline or other control characters are refused."
+        )
     try:
         encoded = raw.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise PathRefused(f"{field} is not valid Unicode text (lone surrogate).") from exc
+        raise PathRefused(
+            f"{field} is not valid Unicode text (lone surrogate)."
+        ) from exc
     if len(encoded) > MAX_PATH_BYTES:
-        raise PathRefused(f"{field} is {len(encoded)} bytes long; the limit is {MAX_PATH_BYTES}.")
+        raise PathRefused(
+            f"{field} is {len(encoded)} bytes long; the limit is {MAX_PATH_BYTES}."
+        )
     if any(len(part) > MAX_NAME_BYTES for part in encoded.split(b"/")):
-        raise PathRefused(f"{field} has a component longer than {MAX_NAME_BYTES} bytes.")
+        raise PathRefused(
+            f"{field} has a component longer than {MAX_NAME_BYTES} bytes."
+        )
 
 
 def _require_readable_file(path: Path, field: str, raw: str) -> None:
@@ -102,9 +129,13 @@ def _require_readable_file(path: Path, field: str, raw: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError as exc:
-        raise PathRefused(f"{field} {raw!r} does not exist (resolved to {str(path)!r}).") from exc
+        raise PathRefused(
+            f"{field} {raw!r} does not exist (resolved to {str(path)!r})."
+        ) from exc
     except OSError as exc:
-        raise PathRefused(f"{field} {raw!r} cannot be inspected: {exc.strerror}.") from exc
+        raise PathRefused(
+            f"{field} {raw!r} cannot be inspected: {exc.strerror}."
+        ) from exc
     if not stat.S_ISREG(mode):
         raise PathRefused(f"{field} {raw!r} is not a regular file.")
     if not os.access(path, os.R_OK):

@@ -76,7 +76,9 @@ class PortTaken(Exception):
     def __init__(self, port: int, holder: VmRecord | None) -> None:
         self.port = port
         self.holder = holder
-        super().__init__(f"port {port} is held by {holder.id if holder else 'another VM'}")
+        super().__init__(
+            f"port {port} is held by {holder.id if holder else 'another VM'}"
+        )
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def proc_start_time(pid: int) -> int | None:
     except OSError:
         return None
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2:].split()
+    rest = data[data.rindex(b")") + 2 :].split()
     state, start_time = rest[0], rest[19]
     if state in (b"Z", b"X"):
         return None
@@ -135,7 +137,11 @@ def proc_start_time(pid: int) -> int | None:
 
 def is_same_process(pid: int | None, start_time: int | None) -> bool:
     """Tell whether ``pid`` is still the process that started at ``start_time``."""
-    return pid is not None and start_time is not None and proc_start_time(pid) == start_time
+    return (
+        pid is not None
+        and start_time is not None
+        and proc_start_time(pid) == start_time
+    )
 
 
 class Registry:
@@ -168,42 +174,55 @@ class Registry:
         placeholders = ", ".join("?" for _ in _COLUMNS)
         with self._connect() as db:
             try:
-                db.execute(f"INSERT INTO vms ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                           [getattr(record, c) for c in _COLUMNS])
+                db.execute(
+                    f"INSERT INTO vms ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
+                    [getattr(record, c) for c in _COLUMNS],
+                )
             except sqlite3.IntegrityError as exc:
                 if "port" not in str(exc):
                     raise
-                raise PortTaken(record.port, self.find_live_by_port(record.port)) from exc
+                raise PortTaken(
+                    record.port, self.find_live_by_port(record.port)
+                ) from exc
 
     def set_process(self, vm_id: str, pid: int, start_time: int | None) -> None:
         """Record the VMM's pid and its start time."""
         with self._connect() as db:
-            db.execute("UPDATE vms SET pid = ?, pid_start_time = ? WHERE id = ?",
-                       (pid, start_time, vm_id))
+            db.execute(
+                "UPDATE vms SET pid = ?, pid_start_time = ? WHERE id = ?",
+                (pid, start_time, vm_id),
+            )
 
-    def set_running(self, vm_id: str, state: VmState, memory_mib: int | None,
-                    vcpus: int | None) -> None:
+    def set_running(
+        self, vm_id: str, state: VmState, memory_mib: int | None, vcpus: int | None
+    ) -> None:
         """Record that a live VM is running or paused, with its size as the VMM reports it."""
         with self._connect() as db:
             db.execute(
                 f"UPDATE vms SET state = ?, memory_mib = COALESCE(?, memory_mib), "
                 f"vcpus = COALESCE(?, vcpus) WHERE id = ? AND state IN {_LIVE_SQL}",
-                (state.value, memory_mib, vcpus, vm_id))
+                (state.value, memory_mib, vcpus, vm_id),
+            )
 
     def set_state(self, vm_id: str, state: VmState) -> None:
         """Move a live VM to ``state`` (a VM already ended stays ended)."""
         with self._connect() as db:
-            db.execute(f"UPDATE vms SET state = ? WHERE id = ? AND state IN {_LIVE_SQL}",
-                       (state.value, vm_id))
+            db.execute(
+                f"UPDATE vms SET state = ? WHERE id = ? AND state IN {_LIVE_SQL}",
+                (state.value, vm_id),
+            )
 
     def mark_ended(self, vm_id: str, state: VmState, exit_status: int | None) -> None:
         """Record that a VM ended (``exited`` or ``failed``), keeping a known exit status."""
         with self._connect() as db:
             db.execute(
-                "UPDATE vms SET state = CASE WHEN state IN " + _LIVE_SQL + " THEN ? ELSE state END, "
+                "UPDATE vms SET state = CASE WHEN state IN "
+                + _LIVE_SQL
+                + " THEN ? ELSE state END, "
                 "exited_at = COALESCE(exited_at, ?), "
                 "exit_status = COALESCE(?, exit_status) WHERE id = ?",
-                (state.value, time.time(), exit_status, vm_id))
+                (state.value, time.time(), exit_status, vm_id),
+            )
 
     def get(self, vm_id: str) -> VmRecord | None:
         """Return the VM with this id, or None."""
@@ -214,15 +233,17 @@ class Registry:
     def find_live_by_port(self, port: int) -> VmRecord | None:
         """Return the live VM holding ``port``, or None."""
         with self._connect() as db:
-            row = db.execute(f"SELECT * FROM vms WHERE port = ? AND state IN {_LIVE_SQL}",
-                             (port,)).fetchone()
+            row = db.execute(
+                f"SELECT * FROM vms WHERE port = ? AND state IN {_LIVE_SQL}", (port,)
+            ).fetchone()
         return _record(row) if row else None
 
     def find_by_port(self, port: int) -> list[VmRecord]:
         """Return every VM that ever held ``port``, newest first."""
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM vms WHERE port = ? ORDER BY created_at DESC",
-                              (port,)).fetchall()
+            rows = db.execute(
+                "SELECT * FROM vms WHERE port = ? ORDER BY created_at DESC", (port,)
+            ).fetchall()
         return [_record(row) for row in rows]
 
     def list(self, state: VmState | None = None) -> list[VmRecord]:
@@ -231,8 +252,10 @@ class Registry:
             if state is None:
                 rows = db.execute("SELECT * FROM vms ORDER BY created_at").fetchall()
             else:
-                rows = db.execute("SELECT * FROM vms WHERE state = ? ORDER BY created_at",
-                                  (state.value,)).fetchall()
+                rows = db.execute(
+                    "SELECT * FROM vms WHERE state = ? ORDER BY created_at",
+                    (state.value,),
+                ).fetchall()
         return [_record(row) for row in rows]
 
 

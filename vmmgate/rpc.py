@@ -48,7 +48,13 @@ _REMOTE_KINDS: dict[str, type[RpcRemoteError]] = {
     "io": RemoteIOError,
     "internal": RemoteInternal,
 }
-_NO_SPACE_MARKERS = ("enospc", "no space left", f"[errno {errno.ENOSPC}]", "edquot", "disk quota")
+_NO_SPACE_MARKERS = (
+    "enospc",
+    "no space left",
+    f"[errno {errno.ENOSPC}]",
+    "edquot",
+    "disk quota",
+)
 
 
 class _ConnectFailed(_LibTransportError):
@@ -77,7 +83,9 @@ class _Transport(tcp.ClientTransport):
         """Fail pending calls at once when an established connection closes."""
         if not self._closed and sock in self._sockets:
             self._sockets.remove(sock)
-            self._session.on_connect_failed(_ConnectionLost("the VMM closed the connection"))
+            self._session.on_connect_failed(
+                _ConnectionLost("the VMM closed the connection")
+            )
             return
         super().on_close(sock)
 
@@ -100,8 +108,13 @@ class _Builder:
         return self.transport
 
 
-def call(port: int, method: str, *args: Any, connect_timeout: float = 2.0,
-         timeout: float = 60.0) -> Any:
+def call(
+    port: int,
+    method: str,
+    *args: Any,
+    connect_timeout: float = 2.0,
+    timeout: float = 60.0,
+) -> Any:
     """Call ``method(*args)`` on the VMM at 127.0.0.1:``port`` and return its result.
 
     Raises RpcUnreachable, RpcTimeout, RpcConnectionLost or an RpcRemoteError subclass.
@@ -110,9 +123,14 @@ def call(port: int, method: str, *args: Any, connect_timeout: float = 2.0,
     builder = _Builder()
     client = None
     try:
-        client = msgpackrpc.Client(msgpackrpc.Address(HOST, port), timeout=None,
-                                   loop=msgpackrpc.Loop(io), builder=builder,
-                                   reconnect_limit=0, unpack_encoding="utf-8")
+        client = msgpackrpc.Client(
+            msgpackrpc.Address(HOST, port),
+            timeout=None,
+            loop=msgpackrpc.Loop(io),
+            builder=builder,
+            reconnect_limit=0,
+            unpack_encoding="utf-8",
+        )
         future = client.call_async(method, *args)
         done: list[bool] = []
         future.attach_callback(lambda _future: done.append(True))
@@ -134,11 +152,14 @@ def call(port: int, method: str, *args: Any, connect_timeout: float = 2.0,
     except _ConnectFailed as exc:
         raise RpcUnreachable(f"Nothing answers on 127.0.0.1:{port} ({exc}).") from None
     except _ConnectionLost:
-        raise RpcConnectionLost(f"The VMM on port {port} closed the connection during "
-                                f"{method}(); it has probably exited.") from None
+        raise RpcConnectionLost(
+            f"The VMM on port {port} closed the connection during "
+            f"{method}(); it has probably exited."
+        ) from None
     except _LibTimeout:
-        raise RpcTimeout(f"The VMM on port {port} did not answer {method}() within "
-                         f"{timeout:g} s.") from None
+        raise RpcTimeout(
+            f"The VMM on port {port} did not answer {method}() within {timeout:g} s."
+        ) from None
     except _LibRPCError as exc:
         raise remote_error(exc.args[0] if exc.args else "") from None
     finally:
@@ -157,7 +178,9 @@ def remote_error(message: object) -> RpcRemoteError:
     kind, sep, _detail = text.partition(":")
     kind = kind.strip().lower() if sep else ""
     cls = _REMOTE_KINDS.get(kind, RemoteInternal)
-    if cls is RemoteIOError and any(marker in text.lower() for marker in _NO_SPACE_MARKERS):
+    if cls is RemoteIOError and any(
+        marker in text.lower() for marker in _NO_SPACE_MARKERS
+    ):
         cls = RemoteNoSpace
     return cls(kind or "internal", text)
 
@@ -165,15 +188,22 @@ def remote_error(message: object) -> RpcRemoteError:
 class VmmClient:
     """The RPC methods of vmmgate's VMM, bound to one port and its timeouts."""
 
-    def __init__(self, port: int, *, connect_timeout: float = 2.0, timeout: float = 60.0) -> None:
+    def __init__(
+        self, port: int, *, connect_timeout: float = 2.0, timeout: float = 60.0
+    ) -> None:
         self.port = port
         self.connect_timeout = connect_timeout
         self.timeout = timeout
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         """Call any method with this client's timeouts."""
-        return call(self.port, method, *args, connect_timeout=self.connect_timeout,
-                    timeout=self.timeout if timeout is None else timeout)
+        return call(
+            self.port,
+            method,
+            *args,
+            connect_timeout=self.connect_timeout,
+            timeout=self.timeout if timeout is None else timeout,
+        )
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """Return the VMM's status map (state, qemu_pid, memory_mib, vcpus, accel...)."""
@@ -184,7 +214,9 @@ class VmmClient:
 
     def snapshot_and_pause(self, cpu_path: str, memory_path: str, resume: bool) -> None:
         """Snapshot the VM into the two files; pause it unless ``resume``."""
-        self._expect_success("snapshot_and_pause", cpu_path, memory_path, self.port, resume)
+        self._expect_success(
+            "snapshot_and_pause", cpu_path, memory_path, self.port, resume
+        )
 
     def pause(self) -> None:
         """Pause the VM."""
@@ -198,9 +230,13 @@ class VmmClient:
         """Ask the VMM to stop its VM and exit."""
         self._expect_success("shutdown", timeout=timeout)
 
-    def _expect_success(self, method: str, *args: Any, timeout: float | None = None) -> None:
+    def _expect_success(
+        self, method: str, *args: Any, timeout: float | None = None
+    ) -> None:
         """Call ``method`` and require the original protocol's ``"Success"``."""
         result = self.call(method, *args, timeout=timeout)
         if result != "Success":
             # The original server answered 200 whatever the VMM said; we do not.
-            raise RemoteInternal("internal", f"{method}() answered {result!r} instead of 'Success'")
+            raise RemoteInternal(
+                "internal", f"{method}() answered {result!r} instead of 'Success'"
+            )

@@ -26,7 +26,9 @@ _IFNAME_FORBIDDEN = set("/:")
 class StrictBoolean(fields.Boolean):
     """A boolean that accepts only JSON ``true``/``false`` (serde's bool)."""
 
-    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> bool:
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> bool:
         if value is True or value is False:
             return value
         raise self.make_error("invalid", input=value)
@@ -37,7 +39,8 @@ def _validate_ifname(name: str) -> None:
     if not _IFNAME.fullmatch(name) or _IFNAME_FORBIDDEN & set(name):
         raise ValidationError(
             "Not a valid network interface name: 1 to 15 printable ASCII characters, "
-            "no '/', ':' or whitespace, not '.' or '..', not starting with '-'.")
+            "no '/', ':' or whitespace, not '.' or '..', not starting with '-'."
+        )
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ class StarterConfigSchema(_BodySchema):
 
     username = fields.String(required=True)
     password = fields.String(required=True)
-    id = fields.Integer(required=True, strict=True, validate=validate.Range(min=0, max=2**32 - 1))
+    id = fields.Integer(
+        required=True, strict=True, validate=validate.Range(min=0, max=2**32 - 1)
+    )
 
     @post_load
     def _make(self, data: dict[str, Any], **_: Any) -> StarterConfig:
@@ -106,7 +111,9 @@ class CreateRequestSchema(_BodySchema):
     memory_snapshot_path = fields.String(required=True)
     kernel_path = fields.String(required=True)
     resume = StrictBoolean(required=True)
-    tap_device = fields.String(load_default=None, allow_none=True, validate=_validate_ifname)
+    tap_device = fields.String(
+        load_default=None, allow_none=True, validate=_validate_ifname
+    )
     config = fields.Nested(StarterConfigSchema, load_default=None, allow_none=True)
 
     @post_load
@@ -120,7 +127,9 @@ class SnapshotRequestSchema(_BodySchema):
 
     cpu_snapshot_path = fields.String(required=True)
     memory_snapshot_path = fields.String(required=True)
-    rpc_port = fields.Integer(required=True, strict=True, validate=validate.Range(min=1, max=65535))
+    rpc_port = fields.Integer(
+        required=True, strict=True, validate=validate.Range(min=1, max=65535)
+    )
     resume = StrictBoolean(required=True)
 
     @post_load
@@ -160,7 +169,9 @@ def parse_json(raw: bytes) -> object:
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except UnicodeDecodeError as exc:
-        raise MalformedBody(f"The request body is not UTF-8: {exc.reason} at byte {exc.start}.") from exc
+        raise MalformedBody(
+            f"The request body is not UTF-8: {exc.reason} at byte {exc.start}."
+        ) from exc
     except ValueError as exc:
         detail = str(exc) if raw.strip() else "the request body is empty"
         raise MalformedBody(f"The request body is not valid JSON: {detail}.") from exc

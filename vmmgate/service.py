@@ -42,14 +42,21 @@ def verify_snapshot_pair(cpu_path: Path, memory_path: Path) -> None:
     try:
         verify_pair(cpu_path, memory_path)
     except SnapshotFileError as exc:
-        raise SnapshotMismatch(f"Cannot restore from these snapshot files: {exc}") from exc
+        raise SnapshotMismatch(
+            f"Cannot restore from these snapshot files: {exc}"
+        ) from exc
 
 
 class VmService:
     """Creates and snapshots VMs on behalf of the HTTP views."""
 
-    def __init__(self, settings: Settings, registry: Registry, launcher: Launcher,
-                 paths: PathPolicy) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        launcher: Launcher,
+        paths: PathPolicy,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.launcher = launcher
@@ -61,12 +68,18 @@ class VmService:
         registry = Registry(settings.registry_path)
         registry.create()
         settings.vms_dir.mkdir(parents=True, exist_ok=True)
-        return cls(settings, registry, Launcher(settings, registry),
-                   PathPolicy(settings.cwd, settings.kernel_roots, settings.snapshot_roots))
+        return cls(
+            settings,
+            registry,
+            Launcher(settings, registry),
+            PathPolicy(settings.cwd, settings.kernel_roots, settings.snapshot_roots),
+        )
 
     def create(self, request: CreateRequest) -> CreateResponse:
         """Boot a VM from a kernel, or restore one from snapshot files (``resume``)."""
-        spec = self._restore_spec(request) if request.resume else self._boot_spec(request)
+        spec = (
+            self._restore_spec(request) if request.resume else self._boot_spec(request)
+        )
         record = self.launcher.launch(spec)
         assert record.pid is not None
         return CreateResponse(pid=record.pid, port=record.port)
@@ -76,28 +89,44 @@ class VmService:
         kernel = self.paths.kernel(request.kernel_path)
         if request.config is not None:
             starter.validate(request.config)
-        return LaunchSpec(kind=VmKind.BOOT, kernel_path=kernel, starter=request.config,
-                          tap_device=request.tap_device)
+        return LaunchSpec(
+            kind=VmKind.BOOT,
+            kernel_path=kernel,
+            starter=request.config,
+            tap_device=request.tap_device,
+        )
 
     def _restore_spec(self, request: CreateRequest) -> LaunchSpec:
         """Validate a restore request; ``kernel_path`` and ``config`` are ignored."""
         cpu = self.paths.snapshot_source(request.cpu_snapshot_path, "cpu_snapshot_path")
-        memory = self.paths.snapshot_source(request.memory_snapshot_path, "memory_snapshot_path")
+        memory = self.paths.snapshot_source(
+            request.memory_snapshot_path, "memory_snapshot_path"
+        )
         if cpu == memory:
-            raise PathRefused("cpu_snapshot_path and memory_snapshot_path are the same file.")
+            raise PathRefused(
+                "cpu_snapshot_path and memory_snapshot_path are the same file."
+            )
         if self.settings.vmm_flavor == "bundled":
             # Another VMM has its own snapshot format: only it can judge its files.
             verify_snapshot_pair(cpu, memory)
-        return LaunchSpec(kind=VmKind.RESTORE, cpu_path=cpu, memory_path=memory,
-                          tap_device=request.tap_device)
+        return LaunchSpec(
+            kind=VmKind.RESTORE,
+            cpu_path=cpu,
+            memory_path=memory,
+            tap_device=request.tap_device,
+        )
 
     def snapshot(self, request: SnapshotRequest) -> str:
         """Snapshot the VM on ``rpc_port`` into the two files; pause it unless ``resume``."""
         record = self.live_vm_on_port(request.rpc_port)
         cpu = self.paths.snapshot_target(request.cpu_snapshot_path, "cpu_snapshot_path")
-        memory = self.paths.snapshot_target(request.memory_snapshot_path, "memory_snapshot_path")
+        memory = self.paths.snapshot_target(
+            request.memory_snapshot_path, "memory_snapshot_path"
+        )
         if cpu == memory:
-            raise PathRefused("cpu_snapshot_path and memory_snapshot_path are the same file.")
+            raise PathRefused(
+                "cpu_snapshot_path and memory_snapshot_path are the same file."
+            )
         if record.state is VmState.STARTING:
             raise VmConflict(f"VM {record.id} on port {record.port} is still starting.")
         client = self._client(record)
@@ -106,8 +135,16 @@ class VmService:
         except (RpcUnreachable, RpcConnectionLost):
             self._forget_if_dead(record)
             raise
-        self.registry.set_state(record.id, VmState.RUNNING if request.resume else VmState.PAUSED)
-        log.info("VM %s snapshotted to %s + %s (resume=%s)", record.id, cpu, memory, request.resume)
+        self.registry.set_state(
+            record.id, VmState.RUNNING if request.resume else VmState.PAUSED
+        )
+        log.info(
+            "VM %s snapshotted to %s + %s (resume=%s)",
+            record.id,
+            cpu,
+            memory,
+            request.resume,
+        )
         return SNAPSHOT_DONE
 
     def live_vm_on_port(self, port: int) -> VmRecord:
@@ -125,9 +162,15 @@ class VmService:
         previous = self.registry.find_by_port(port)
         if previous:
             last = previous[0]
-            status = f" (exit status {last.exit_status})" if last.exit_status is not None else ""
-            return (f"The VM on port {port} ({last.id}) is no longer running: "
-                    f"it {last.state.value}{status}.")
+            status = (
+                f" (exit status {last.exit_status})"
+                if last.exit_status is not None
+                else ""
+            )
+            return (
+                f"The VM on port {port} ({last.id}) is no longer running: "
+                f"it {last.state.value}{status}."
+            )
         return f"No VM launched by this server listens on port {port}."
 
     def _forget_if_dead(self, record: VmRecord) -> None:
@@ -137,8 +180,11 @@ class VmService:
 
     def _client(self, record: VmRecord) -> VmmClient:
         """Return an RPC client for ``record``'s VMM with the configured timeouts."""
-        return VmmClient(record.port, connect_timeout=self.settings.rpc_connect_timeout,
-                         timeout=self.settings.rpc_timeout)
+        return VmmClient(
+            record.port,
+            connect_timeout=self.settings.rpc_connect_timeout,
+            timeout=self.settings.rpc_timeout,
+        )
 
 
 def init_app(app: Flask) -> None:

@@ -38,19 +38,25 @@ def validate(config: StarterConfig) -> None:
     if not USERNAME.fullmatch(config.username):
         raise StarterConfigError(
             f"config.username {config.username!r} is not a valid user name: it must match "
-            f"{USERNAME.pattern} (lowercase letter or '_', then up to 31 of a-z, 0-9, '_', '-').")
+            f"{USERNAME.pattern} (lowercase letter or '_', then up to 31 of a-z, 0-9, '_', '-')."
+        )
     if not 0 <= config.id <= MAX_ID:
         raise StarterConfigError(
             f"config.id must be between 0 and {MAX_ID} (the guest address is "
-            f"192.168.(200+id).2), not {config.id}.")
+            f"192.168.(200+id).2), not {config.id}."
+        )
     password = config.password
     if not password:
         raise StarterConfigError("config.password must not be empty.")
     if len(password) > MAX_PASSWORD_CHARS:
-        raise StarterConfigError(f"config.password is longer than {MAX_PASSWORD_CHARS} characters.")
+        raise StarterConfigError(
+            f"config.password is longer than {MAX_PASSWORD_CHARS} characters."
+        )
     if any(ch in password for ch in "\0\r\n"):
         # chpasswd reads one "user:password" per line; NUL cannot be passed at all.
-        raise StarterConfigError("config.password must not contain NUL, CR or newline characters.")
+        raise StarterConfigError(
+            "config.password must not contain NUL, CR or newline characters."
+        )
     try:
         password.encode("utf-8")
     except UnicodeEncodeError as exc:

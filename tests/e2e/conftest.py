@@ -20,7 +20,9 @@ GUEST = PROJECT_ROOT / "var" / "guest"
 KERNEL = "var/guest/vmlinuz"
 UP_LINE = "vmmgate-guest: up"
 COUNTER = re.compile(r"^vmmgate-guest: counter (\d+)\r?$", re.MULTILINE)
-BOOT_TIMEOUT = 120  # a guest boots in ~3 s under TCG; ten at once on two CPUs take longer
+BOOT_TIMEOUT = (
+    120  # a guest boots in ~3 s under TCG; ten at once on two CPUs take longer
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -34,9 +36,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn with 2 workers on 127.0.0.1, a temporary state dir and the bundled VMM."""
     if not (GUEST / "vmlinuz").is_file() or not (GUEST / "initramfs.cpio.gz").is_file():
-        pytest.fail("the demo guest is missing: run `python -m vmmgate.guest build` (make test does)")
+        pytest.fail(
+            "the demo guest is missing: run `python -m vmmgate.guest build` (make test does)"
+        )
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.fail("qemu-system-x86_64 is missing: install the Debian package qemu-system-x86")
+        pytest.fail(
+            "qemu-system-x86_64 is missing: install the Debian package qemu-system-x86"
+        )
     base = tmp_path_factory.mktemp("e2e")
     state = base / "state"
     state.mkdir()
@@ -77,26 +83,45 @@ class Vm:
 
     def wait_counter_above(self, value: int, timeout: float = BOOT_TIMEOUT) -> int:
         """Wait until the guest printed a counter above ``value``; return the latest."""
-        return wait_for(lambda: max(self.counters(), default=0) > value and max(self.counters()),
-                        timeout, f"counter > {value} on {self.console}", interval=0.1)
+        return wait_for(
+            lambda: max(self.counters(), default=0) > value and max(self.counters()),
+            timeout,
+            f"counter > {value} on {self.console}",
+            interval=0.1,
+        )
 
 
 def boot_body(kernel: str = KERNEL, **extra: Any) -> dict[str, Any]:
     """The original /create body for a fresh boot."""
-    return {"cpu_snapshot_path": "<cpu_path>", "memory_snapshot_path": "<memory_path>",
-            "kernel_path": kernel, "resume": False, **extra}
+    return {
+        "cpu_snapshot_path": "<cpu_path>",
+        "memory_snapshot_path": "<memory_path>",
+        "kernel_path": kernel,
+        "resume": False,
+        **extra,
+    }
 
 
 def restore_body(cpu: Path | str, memory: Path | str) -> dict[str, Any]:
     """The original /create body for a restore."""
-    return {"cpu_snapshot_path": str(cpu), "memory_snapshot_path": str(memory),
-            "kernel_path": "<kernel>", "resume": True}
+    return {
+        "cpu_snapshot_path": str(cpu),
+        "memory_snapshot_path": str(memory),
+        "kernel_path": "<kernel>",
+        "resume": True,
+    }
 
 
-def snapshot_body(port: int, cpu: Path | str, memory: Path | str, resume: bool) -> dict[str, Any]:
+def snapshot_body(
+    port: int, cpu: Path | str, memory: Path | str, resume: bool
+) -> dict[str, Any]:
     """The original /snapshot body."""
-    return {"cpu_snapshot_path": str(cpu), "memory_snapshot_path": str(memory),
-            "rpc_port": port, "resume": resume}
+    return {
+        "cpu_snapshot_path": str(cpu),
+        "memory_snapshot_path": str(memory),
+        "rpc_port": port,
+        "resume": resume,
+    }
 
 
 @pytest.fixture

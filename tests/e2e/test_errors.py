@@ -19,7 +19,11 @@ def assert_error(response: Response, code: int, *needles: str) -> None:
     assert response.status == code, response.text
     assert response.headers["Content-Type"] == "application/json"
     body = response.json
-    assert list(body) == ["error"] and list(body["error"]) == ["code", "reason", "description"]
+    assert list(body) == ["error"] and list(body["error"]) == [
+        "code",
+        "reason",
+        "description",
+    ]
     assert body["error"]["code"] == code
     for needle in needles:
         assert needle in body["error"]["description"], body
@@ -30,9 +34,17 @@ def assert_error(response: Response, code: int, *needles: str) -> None:
 def nothing_launched(server: Server) -> Iterator[None]:
     """Assert the test starts no VMM, adds no registry row and creates no run directory."""
     vms_dir = server.state / "vms"
-    before = (len(processes_under(vms_dir)), len(server.registry.list()), sorted(os.listdir(vms_dir)))
+    before = (
+        len(processes_under(vms_dir)),
+        len(server.registry.list()),
+        sorted(os.listdir(vms_dir)),
+    )
     yield
-    after = (len(processes_under(vms_dir)), len(server.registry.list()), sorted(os.listdir(vms_dir)))
+    after = (
+        len(processes_under(vms_dir)),
+        len(server.registry.list()),
+        sorted(os.listdir(vms_dir)),
+    )
     assert after == before
 
 
@@ -49,31 +61,45 @@ def _without(body: dict[str, Any], key: str) -> dict[str, Any]:
 @pytest.mark.parametrize("route", ["/create", "/snapshot"])
 def test_malformed_json(server: Server, route: str) -> None:
     """400 for a body that is not JSON, with or without a JSON Content-Type."""
-    assert_error(server.request("POST", route, '{"resume": tru', {"Content-Type": "application/json"}), 400)
+    assert_error(
+        server.request(
+            "POST", route, '{"resume": tru', {"Content-Type": "application/json"}
+        ),
+        400,
+    )
     assert_error(server.request("POST", route, "cpu_snapshot_path=x"), 400)
 
 
 @pytest.mark.usefixtures("nothing_launched")
-@pytest.mark.parametrize(("route", "body", "field"), [
-    *[("/create", _without(CREATE, key), key) for key in CREATE],
-    *[("/snapshot", _without(SNAPSHOT, key), key) for key in SNAPSHOT],
-    ("/create", {**CREATE, "cpu_snapshot_path": 1}, "cpu_snapshot_path"),
-    ("/create", {**CREATE, "memory_snapshot_path": None}, "memory_snapshot_path"),
-    ("/create", {**CREATE, "kernel_path": ["x"]}, "kernel_path"),
-    ("/create", {**CREATE, "resume": "false"}, "resume"),
-    ("/create", {**CREATE, "tap_device": 5}, "tap_device"),
-    ("/create", {**CREATE, "config": {"username": "u", "password": 1, "id": 1}}, "config.password"),
-    ("/snapshot", {**SNAPSHOT, "cpu_snapshot_path": False}, "cpu_snapshot_path"),
-    ("/snapshot", {**SNAPSHOT, "memory_snapshot_path": {}}, "memory_snapshot_path"),
-    ("/snapshot", {**SNAPSHOT, "rpc_port": "8080"}, "rpc_port"),
-    ("/snapshot", {**SNAPSHOT, "rpc_port": 8080.5}, "rpc_port"),
-    ("/snapshot", {**SNAPSHOT, "rpc_port": True}, "rpc_port"),
-    ("/snapshot", {**SNAPSHOT, "resume": 1}, "resume"),
-    ("/snapshot", {**SNAPSHOT, "rpc_port": 0}, "rpc_port"),
-    ("/snapshot", {**SNAPSHOT, "rpc_port": 65536}, "rpc_port"),
-    ("/snapshot", {**SNAPSHOT, "rpc_port": -5}, "rpc_port"),
-])
-def test_schema_failures(server: Server, route: str, body: dict[str, Any], field: str) -> None:
+@pytest.mark.parametrize(
+    ("route", "body", "field"),
+    [
+        *[("/create", _without(CREATE, key), key) for key in CREATE],
+        *[("/snapshot", _without(SNAPSHOT, key), key) for key in SNAPSHOT],
+        ("/create", {**CREATE, "cpu_snapshot_path": 1}, "cpu_snapshot_path"),
+        ("/create", {**CREATE, "memory_snapshot_path": None}, "memory_snapshot_path"),
+        ("/create", {**CREATE, "kernel_path": ["x"]}, "kernel_path"),
+        ("/create", {**CREATE, "resume": "false"}, "resume"),
+        ("/create", {**CREATE, "tap_device": 5}, "tap_device"),
+        (
+            "/create",
+            {**CREATE, "config": {"username": "u", "password": 1, "id": 1}},
+            "config.password",
+        ),
+        ("/snapshot", {**SNAPSHOT, "cpu_snapshot_path": False}, "cpu_snapshot_path"),
+        ("/snapshot", {**SNAPSHOT, "memory_snapshot_path": {}}, "memory_snapshot_path"),
+        ("/snapshot", {**SNAPSHOT, "rpc_port": "8080"}, "rpc_port"),
+        ("/snapshot", {**SNAPSHOT, "rpc_port": 8080.5}, "rpc_port"),
+        ("/snapshot", {**SNAPSHOT, "rpc_port": True}, "rpc_port"),
+        ("/snapshot", {**SNAPSHOT, "resume": 1}, "resume"),
+        ("/snapshot", {**SNAPSHOT, "rpc_port": 0}, "rpc_port"),
+        ("/snapshot", {**SNAPSHOT, "rpc_port": 65536}, "rpc_port"),
+        ("/snapshot", {**SNAPSHOT, "rpc_port": -5}, "rpc_port"),
+    ],
+)
+def test_schema_failures(
+    server: Server, route: str, body: dict[str, Any], field: str
+) -> None:
     """422 naming the field, for each missing field and each wrong type or range."""
     assert_error(server.post(route, body), 422, field)
 
@@ -81,22 +107,30 @@ def test_schema_failures(server: Server, route: str, body: dict[str, Any], field
 @pytest.mark.usefixtures("nothing_launched")
 def test_unknown_rpc_port(server: Server) -> None:
     """A port no VM of ours holds (here: the server's own port): 404."""
-    assert_error(server.post("/snapshot", snapshot_body(server.port, "c", "m", True)), 404,
-                 "No VM launched by this server")
+    assert_error(
+        server.post("/snapshot", snapshot_body(server.port, "c", "m", True)),
+        404,
+        "No VM launched by this server",
+    )
 
 
 @pytest.mark.usefixtures("nothing_launched")
-@pytest.mark.parametrize(("kernel", "needle"), [
-    ("var/guest/no-such-kernel", "does not exist"),
-    ("/etc/hostname", "VMMGATE_KERNEL_ROOTS"),
-])
+@pytest.mark.parametrize(
+    ("kernel", "needle"),
+    [
+        ("var/guest/no-such-kernel", "does not exist"),
+        ("/etc/hostname", "VMMGATE_KERNEL_ROOTS"),
+    ],
+)
 def test_unusable_kernel(server: Server, kernel: str, needle: str) -> None:
     """A kernel that does not exist or is outside the roots: 422."""
     assert_error(server.post("/create", boot_body(kernel)), 422, needle)
 
 
 @pytest.fixture(scope="module")
-def pair(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, Path]]:
+def pair(
+    server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, Path, Path]]:
     """Two real snapshots of one VM: (dir, first pair prefix, second pair prefix)."""
     directory = server.state / "snapshots" / "pairs"
     directory.mkdir(parents=True, exist_ok=True)
@@ -106,10 +140,17 @@ def pair(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     assert record is not None
     try:
         console = Path(record.vm_dir) / "console.log"
-        wait_for(lambda: console.exists() and "counter 1" in console.read_text(errors="replace"),
-                 120, "the guest to count")
+        wait_for(
+            lambda: (
+                console.exists() and "counter 1" in console.read_text(errors="replace")
+            ),
+            120,
+            "the guest to count",
+        )
         for name in ("a", "b"):
-            body = snapshot_body(record.port, directory / f"{name}.cpu", directory / f"{name}.mem", True)
+            body = snapshot_body(
+                record.port, directory / f"{name}.cpu", directory / f"{name}.mem", True
+            )
             assert server.post("/snapshot", body).status == 200
         yield directory, directory / "a", directory / "b"
     finally:
@@ -117,12 +158,27 @@ def pair(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
 
 
 @pytest.mark.usefixtures("nothing_launched")
-def test_snapshot_files_missing_or_unpaired(server: Server, pair: tuple[Path, Path, Path]) -> None:
+def test_snapshot_files_missing_or_unpaired(
+    server: Server, pair: tuple[Path, Path, Path]
+) -> None:
     """Restore from missing, empty, truncated, random or mismatched files: 422, nothing started."""
     directory, a, b = pair
-    cpu_a, mem_a, cpu_b, mem_b = (Path(f"{a}.cpu"), Path(f"{a}.mem"), Path(f"{b}.cpu"), Path(f"{b}.mem"))
-    assert_error(server.post("/create", restore_body(directory / "nope.cpu", mem_a)), 422, "does not exist")
-    assert_error(server.post("/create", restore_body(cpu_a, directory / "nope.mem")), 422, "does not exist")
+    cpu_a, mem_a, cpu_b, mem_b = (
+        Path(f"{a}.cpu"),
+        Path(f"{a}.mem"),
+        Path(f"{b}.cpu"),
+        Path(f"{b}.mem"),
+    )
+    assert_error(
+        server.post("/create", restore_body(directory / "nope.cpu", mem_a)),
+        422,
+        "does not exist",
+    )
+    assert_error(
+        server.post("/create", restore_body(cpu_a, directory / "nope.mem")),
+        422,
+        "does not exist",
+    )
     # Two snapshots of the same VM at different moments do not mix.
     assert_error(server.post("/create", restore_body(cpu_a, mem_b)), 422)
     assert_error(server.post("/create", restore_body(cpu_b, mem_a)), 422)
@@ -138,10 +194,14 @@ def test_snapshot_files_missing_or_unpaired(server: Server, pair: tuple[Path, Pa
     assert_error(server.post("/create", restore_body(cpu_a, cpu_a)), 422, "same file")
 
 
-def test_snapshot_into_a_missing_directory(server: Server, vms: Callable[..., Vm]) -> None:
+def test_snapshot_into_a_missing_directory(
+    server: Server, vms: Callable[..., Vm]
+) -> None:
     """A snapshot target whose directory does not exist: 422, the VM keeps running."""
     vm = vms(boot_body(KERNEL))
-    body = snapshot_body(vm.port, server.state / "no" / "c", server.state / "no" / "m", False)
+    body = snapshot_body(
+        vm.port, server.state / "no" / "c", server.state / "no" / "m", False
+    )
     assert_error(server.post("/snapshot", body), 422, "does not exist")
     assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
 
@@ -152,10 +212,19 @@ def test_vmm_failing_at_start_is_500_with_its_log(server: Server) -> None:
     bogus.write_bytes(os.urandom(64 * 1024))
     vms_dir = server.state / "vms"
     processes = len(processes_under(vms_dir))
-    response = server.post("/create", {"cpu_snapshot_path": "<cpu_path>", "memory_snapshot_path": "<m>",
-                                       "kernel_path": str(bogus), "resume": False})
+    response = server.post(
+        "/create",
+        {
+            "cpu_snapshot_path": "<cpu_path>",
+            "memory_snapshot_path": "<m>",
+            "kernel_path": str(bogus),
+            "resume": False,
+        },
+    )
     assert_error(response, 500, "exit code", "last lines of its log")
     failed = [r for r in server.registry.list() if r.kernel_path == str(bogus)]
     assert [r.state.value for r in failed] == ["failed"]
     assert failed[0].exit_status not in (None, 0)
-    wait_for(lambda: len(processes_under(vms_dir)) == processes, 30, "no VMM or QEMU left")
+    wait_for(
+        lambda: len(processes_under(vms_dir)) == processes, 30, "no VMM or QEMU left"
+    )

@@ -20,15 +20,20 @@ from vmmgate import rpc
 SNAPSHOT_OK = "Snapshot taken successfully"
 
 
-def test_boot_snapshot_paused_and_restore_continues(server: Server, vms: Callable[..., Vm],
-                                                    snapshots: Path) -> None:
+def test_boot_snapshot_paused_and_restore_continues(
+    server: Server, vms: Callable[..., Vm], snapshots: Path
+) -> None:
     """The original flow; the restored guest's first counter is the last snapshotted one + 1."""
     source = vms(boot_body())
     assert type(source.pid) is int and type(source.port) is int
-    wait_for(lambda: UP_LINE in source.console_text(), BOOT_TIMEOUT, "the guest's boot line")
+    wait_for(
+        lambda: UP_LINE in source.console_text(), BOOT_TIMEOUT, "the guest's boot line"
+    )
     source.wait_counter_above(2)
     cpu, memory = snapshots / "cpu.snap", snapshots / "mem.snap"
-    response = server.post("/snapshot", snapshot_body(source.port, cpu, memory, resume=False))
+    response = server.post(
+        "/snapshot", snapshot_body(source.port, cpu, memory, resume=False)
+    )
     assert response.status == 200, response.text
     assert response.json == SNAPSHOT_OK
     assert cpu.stat().st_size > 0 and memory.stat().st_size > 0
@@ -47,41 +52,59 @@ def test_boot_snapshot_paused_and_restore_continues(server: Server, vms: Callabl
     assert int(COUNTER.findall(source.console_text())[-1]) == last
 
 
-def test_snapshot_with_resume_leaves_the_source_running(server: Server, vms: Callable[..., Vm],
-                                                        snapshots: Path) -> None:
+def test_snapshot_with_resume_leaves_the_source_running(
+    server: Server, vms: Callable[..., Vm], snapshots: Path
+) -> None:
     """resume=true: the source keeps running and counting."""
     vm = vms(boot_body())
     before = vm.wait_counter_above(1)
-    response = server.post("/snapshot", snapshot_body(vm.port, snapshots / "c", snapshots / "m", True))
+    response = server.post(
+        "/snapshot", snapshot_body(vm.port, snapshots / "c", snapshots / "m", True)
+    )
     assert response.status == 200 and response.json == SNAPSHOT_OK
     assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
     vm.wait_counter_above(before + 1)
 
 
-def test_restored_vm_can_be_snapshotted_and_restored_again(server: Server, vms: Callable[..., Vm],
-                                                           snapshots: Path) -> None:
+def test_restored_vm_can_be_snapshotted_and_restored_again(
+    server: Server, vms: Callable[..., Vm], snapshots: Path
+) -> None:
     """A snapshot restores many times; a restored VM can be snapshotted again."""
     vm = vms(boot_body())
     vm.wait_counter_above(1)
     first = snapshots / "1"
     first.mkdir()
-    assert server.post("/snapshot", snapshot_body(vm.port, first / "c", first / "m", False)).status == 200
+    assert (
+        server.post(
+            "/snapshot", snapshot_body(vm.port, first / "c", first / "m", False)
+        ).status
+        == 200
+    )
     copies = [vms(restore_body(first / "c", first / "m")) for _ in range(2)]
     for copy in copies:
         copy.wait_counter_above(0)
     second = snapshots / "2"
     second.mkdir()
-    response = server.post("/snapshot", snapshot_body(copies[0].port, second / "c", second / "m", True))
+    response = server.post(
+        "/snapshot", snapshot_body(copies[0].port, second / "c", second / "m", True)
+    )
     assert response.status == 200, response.text
     again = vms(restore_body(second / "c", second / "m"))
     again.wait_counter_above(0)
 
 
-def test_boot_with_config_runs_the_start_up_script(server: Server, vms: Callable[..., Vm]) -> None:
+def test_boot_with_config_runs_the_start_up_script(
+    server: Server, vms: Callable[..., Vm]
+) -> None:
     """config: the guest runs the rendered script (user added, password set) at boot."""
     config = {"username": "anirudha", "password": "it's a $(secret)", "id": 10}
     vm = vms(boot_body(config=config))
-    text = wait_for(lambda: "vmmgate-guest: starter end rc=" in vm.console_text() and vm.console_text(),
-                    BOOT_TIMEOUT, "the start-up script to finish")
+    text = wait_for(
+        lambda: (
+            "vmmgate-guest: starter end rc=" in vm.console_text() and vm.console_text()
+        ),
+        BOOT_TIMEOUT,
+        "the start-up script to finish",
+    )
     assert "vmmgate-guest: starter begin" in text
     assert "vmmgate-guest: starter end rc=0" in text, text

@@ -23,18 +23,24 @@ def test_ten_concurrent_creates(server: Server, vms: Callable[..., Vm]) -> None:
         assert rpc.call(vm.port, "status", timeout=30)["state"] == "running"
 
 
-def test_killed_worker_leaves_its_vms_snapshotable(server: Server, vms: Callable[..., Vm],
-                                                   snapshots: Path) -> None:
+def test_killed_worker_leaves_its_vms_snapshotable(
+    server: Server, vms: Callable[..., Vm], snapshots: Path
+) -> None:
     """SIGKILL the worker that launched a VM: the VM runs on and another worker snapshots it."""
     vm = vms(boot_body())
     worker = vm.record.launcher_pid
     assert worker in server.workers()
     before = vm.wait_counter_above(0)
     os.kill(worker, signal.SIGKILL)
-    wait_for(lambda: worker not in server.workers() and len(server.workers()) == 2, 60,
-             "gunicorn to replace the killed worker")
+    wait_for(
+        lambda: worker not in server.workers() and len(server.workers()) == 2,
+        60,
+        "gunicorn to replace the killed worker",
+    )
     assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
     vm.wait_counter_above(before)
-    response = server.post("/snapshot", snapshot_body(vm.port, snapshots / "c", snapshots / "m", True))
+    response = server.post(
+        "/snapshot", snapshot_body(vm.port, snapshots / "c", snapshots / "m", True)
+    )
     assert response.status == 200, response.text
     assert response.json == "Snapshot taken successfully"

@@ -59,7 +59,9 @@ class _FailFastTransport(tcp.ClientTransport):
     def on_close(self, sock: Any) -> None:
         if not self._closed and sock in self._sockets:
             self._sockets.remove(sock)
-            self._session.on_connect_failed(TransportError("the VMM closed the connection"))
+            self._session.on_connect_failed(
+                TransportError("the VMM closed the connection")
+            )
             return
         super().on_close(sock)
 
@@ -110,7 +112,9 @@ def last_counter(console: Path) -> int | None:
     return values[-1] if values else None
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     while True:
@@ -163,7 +167,11 @@ def qemus_mentioning(text: str) -> list[int]:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"qemu-system" in cmdline and needle in cmdline and process_alive(int(entry)):
+        if (
+            b"qemu-system" in cmdline
+            and needle in cmdline
+            and process_alive(int(entry))
+        ):
             found.append(int(entry))
     return found
 
@@ -205,7 +213,9 @@ class Vmm:
 
     def qemu_alive(self) -> bool:
         """True while this VMM's QEMU runs."""
-        return self.qemu_pid is not None and process_alive(self.qemu_pid, self.qemu_start)
+        return self.qemu_pid is not None and process_alive(
+            self.qemu_pid, self.qemu_start
+        )
 
     def counters(self) -> list[int]:
         return counters(self.console)
@@ -241,14 +251,18 @@ class Vmm:
         """Fail (with the VMM's log) if the VMM has exited."""
         code = self.proc.poll()
         if code is not None:
-            pytest.fail(f"VMM {self.pid} exited with status {code}; its log ends:\n{self.stderr_tail()}")
+            pytest.fail(
+                f"VMM {self.pid} exited with status {code}; its log ends:\n{self.stderr_tail()}"
+            )
 
     def wait_exit(self, timeout: float) -> int:
         """Wait for the VMM to exit; return its status."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"VMM {self.pid} did not exit within {timeout} s; log:\n{self.stderr_tail()}")
+            pytest.fail(
+                f"VMM {self.pid} did not exit within {timeout} s; log:\n{self.stderr_tail()}"
+            )
 
 
 class VmmPool:
@@ -280,7 +294,9 @@ class VmmPool:
         finally:
             # Only the VMM holds the socket now: if it dies, connections are refused.
             sock.close()
-        vmm = Vmm(proc=proc, port=port, console=console, stderr_path=stderr_path, argv=argv)
+        vmm = Vmm(
+            proc=proc, port=port, console=console, stderr_path=stderr_path, argv=argv
+        )
         self.started.append(vmm)
         return vmm
 
@@ -301,7 +317,9 @@ class VmmPool:
 
     def boot(self, console: Path, *extra: str, wait_up: bool = True) -> Vmm:
         """Boot the demo guest; wait for RPC and (by default) the boot line."""
-        vmm = self.wait_ready(self.spawn(["--kernel", f"path={self.guest.kernel}", *extra], console))
+        vmm = self.wait_ready(
+            self.spawn(["--kernel", f"path={self.guest.kernel}", *extra], console)
+        )
         if wait_up:
             vmm.wait_up()
         return vmm
@@ -309,7 +327,9 @@ class VmmPool:
     def restore(self, cpu: Path, memory: Path, console: Path, *extra: str) -> Vmm:
         """Restore a snapshot pair; wait until RPC answers."""
         return self.wait_ready(
-            self.spawn(["--cpu_path", str(cpu), "--memory_path", str(memory), *extra], console)
+            self.spawn(
+                ["--cpu_path", str(cpu), "--memory_path", str(memory), *extra], console
+            )
         )
 
     # Stopping --------------------------------------------------------------------------
@@ -362,7 +382,9 @@ class VmmPool:
 def guest() -> GuestImage:
     """The demo guest image (built once, reused from var/guest)."""
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.fail("qemu-system-x86_64 is missing: install the Debian package qemu-system-x86")
+        pytest.fail(
+            "qemu-system-x86_64 is missing: install the Debian package qemu-system-x86"
+        )
     return ensure_guest()
 
 
@@ -375,7 +397,9 @@ def vmm(guest: GuestImage, tmp_path: Path) -> Iterator[VmmPool]:
 
 
 @pytest.fixture(scope="module")
-def module_vmm(guest: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmmPool]:
+def module_vmm(
+    guest: GuestImage, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VmmPool]:
     """A VMM factory shared by a module's tests (for VMs that are safe to share)."""
     pool = VmmPool(tmp_path_factory.mktemp("vmm-module"), guest)
     yield pool
@@ -401,10 +425,18 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
 
     yield mount
     for path in reversed(mounted):
-        if subprocess.run(["umount", str(path)], capture_output=True, check=False).returncode:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+        if subprocess.run(
+            ["umount", str(path)], capture_output=True, check=False
+        ).returncode:
+            subprocess.run(
+                ["umount", "-l", str(path)], capture_output=True, check=False
+            )
 
 
 def remount(path: Path, options: str) -> None:
     """Remount the tmpfs at ``path`` with ``options`` (e.g. "ro")."""
-    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+    subprocess.run(
+        ["mount", "-o", f"remount,{options}", str(path)],
+        check=True,
+        capture_output=True,
+    )

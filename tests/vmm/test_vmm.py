@@ -47,10 +47,15 @@ class Snapshot:
     memory_sha256: str
 
 
-def take_snapshot(vm: Vmm, directory: Path, name: str = "snap", resume: bool = False) -> Snapshot:
+def take_snapshot(
+    vm: Vmm, directory: Path, name: str = "snap", resume: bool = False
+) -> Snapshot:
     """Snapshot ``vm`` into ``directory``; with resume=false, note the last counter."""
     cpu, memory = directory / f"{name}.cpu", directory / f"{name}.mem"
-    assert vm.call("snapshot_and_pause", str(cpu), str(memory), vm.port, resume) == "Success"
+    assert (
+        vm.call("snapshot_and_pause", str(cpu), str(memory), vm.port, resume)
+        == "Success"
+    )
     last = vm.last_counter()
     assert last is not None
     return Snapshot(cpu, memory, last, sha256(cpu), sha256(memory))
@@ -94,7 +99,9 @@ def watch_frozen(vm: Vmm, seconds: float) -> None:
     last = vm.last_counter()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert vm.console.stat().st_size == size, f"the paused guest printed: {vm.counters()[-3:]}"
+        assert vm.console.stat().st_size == size, (
+            f"the paused guest printed: {vm.counters()[-3:]}"
+        )
         time.sleep(0.1)
     assert vm.last_counter() == last
 
@@ -119,7 +126,9 @@ def base(booted: Vmm, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
 
 
 @pytest.fixture(scope="module")
-def other(base: Snapshot, module_vmm: VmmPool, tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+def other(
+    base: Snapshot, module_vmm: VmmPool, tmp_path_factory: pytest.TempPathFactory
+) -> Snapshot:
     """A snapshot of another VM (a restore of ``base`` that ran on)."""
     directory = tmp_path_factory.mktemp("other")
     vm = module_vmm.restore(base.cpu, base.memory, directory / "console.log")
@@ -162,7 +171,9 @@ def test_snapshot_with_resume_keeps_counting(booted: Vmm, tmp_path: Path) -> Non
     assert booted.wait_advance() > after > snapshot.last_counter
 
 
-def test_snapshot_without_resume_stops_the_guest_until_resume(booted: Vmm, tmp_path: Path) -> None:
+def test_snapshot_without_resume_stops_the_guest_until_resume(
+    booted: Vmm, tmp_path: Path
+) -> None:
     ensure_running(booted)
     booted.wait_advance()
     try:
@@ -185,7 +196,9 @@ def test_snapshot_without_resume_stops_the_guest_until_resume(booted: Vmm, tmp_p
 # Restore -------------------------------------------------------------------------------
 
 
-def test_restore_continues_the_counter(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_restore_continues_the_counter(
+    base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     vm = vmm.restore(base.cpu, base.memory, tmp_path / "console.log")
     status = vm.call("status")
     assert status["state"] == "running"
@@ -195,10 +208,14 @@ def test_restore_continues_the_counter(base: Snapshot, vmm: VmmPool, tmp_path: P
     values = vm.counters()
     assert values[0] == base.last_counter + 1, values
     assert values == list(range(values[0], values[0] + len(values)))
-    assert UP_LINE not in vm.console.read_text(errors="replace"), "the restored guest rebooted"
+    assert UP_LINE not in vm.console.read_text(errors="replace"), (
+        "the restored guest rebooted"
+    )
 
 
-def test_one_snapshot_restored_twice_at_once(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_one_snapshot_restored_twice_at_once(
+    base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     first = vmm.spawn(["--cpu_path", str(base.cpu), "--memory_path", str(base.memory)],
                       tmp_path / "a.log")  # fmt: skip
     second = vmm.spawn(["--cpu_path", str(base.cpu), "--memory_path", str(base.memory)],
@@ -215,13 +232,18 @@ def test_one_snapshot_restored_twice_at_once(base: Snapshot, vmm: VmmPool, tmp_p
     assert sha256(base.memory) == base.memory_sha256
 
 
-def test_three_generations(booted: Vmm, base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_three_generations(
+    booted: Vmm, base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     # Generation 1 is ``booted``, snapshotted into ``base``.
     second = vmm.restore(base.cpu, base.memory, tmp_path / "gen2.log")
     second.wait_counter(base.last_counter + 2)
     assert second.counters()[0] == base.last_counter + 1
     snap2 = take_snapshot(second, tmp_path, "gen2")
-    assert verify_pair(snap2.cpu, snap2.memory).snapshot_id != verify_pair(base.cpu, base.memory).snapshot_id
+    assert (
+        verify_pair(snap2.cpu, snap2.memory).snapshot_id
+        != verify_pair(base.cpu, base.memory).snapshot_id
+    )
     vmm.stop(second)
     third = vmm.restore(snap2.cpu, snap2.memory, tmp_path / "gen3.log")
     third.wait_counter(snap2.last_counter + 2)
@@ -252,23 +274,34 @@ def _flipped(path: Path, out: Path) -> Path:
     return out
 
 
-BAD_PAIRS: dict[str, tuple[Callable[[Snapshot, Snapshot, Path], tuple[Path, Path]], str]] = {
+BAD_PAIRS: dict[
+    str, tuple[Callable[[Snapshot, Snapshot, Path], tuple[Path, Path]], str]
+] = {
     "other VM's memory": (lambda b, o, d: (b.cpu, o.memory), "not a pair"),
     "other VM's CPU": (lambda b, o, d: (o.cpu, b.memory), "not a pair"),
     "truncated CPU": (
-        lambda b, o, d: (_truncated(b.cpu, b.cpu.stat().st_size - 1000, d / "t.cpu"), b.memory),
+        lambda b, o, d: (
+            _truncated(b.cpu, b.cpu.stat().st_size - 1000, d / "t.cpu"),
+            b.memory,
+        ),
         "truncated",
     ),
     "CPU cut in its header": (
         lambda b, o, d: (_truncated(b.cpu, 100, d / "h.cpu"), b.memory),
         "damaged header",
     ),
-    "empty CPU": (lambda b, o, d: (_truncated(b.cpu, 0, d / "e.cpu"), b.memory), "empty"),
+    "empty CPU": (
+        lambda b, o, d: (_truncated(b.cpu, 0, d / "e.cpu"), b.memory),
+        "empty",
+    ),
     "random CPU": (
         lambda b, o, d: (_random(d / "r.cpu"), b.memory),
         "not a vmmgate snapshot file",
     ),
-    "damaged CPU": (lambda b, o, d: (_flipped(b.cpu, d / "f.cpu"), b.memory), "checksum"),
+    "damaged CPU": (
+        lambda b, o, d: (_flipped(b.cpu, d / "f.cpu"), b.memory),
+        "checksum",
+    ),
     "missing CPU": (lambda b, o, d: (d / "missing.cpu", b.memory), "does not exist"),
     "missing memory": (lambda b, o, d: (b.cpu, d / "missing.mem"), "does not exist"),
     "truncated memory": (
@@ -280,7 +313,9 @@ BAD_PAIRS: dict[str, tuple[Callable[[Snapshot, Snapshot, Path], tuple[Path, Path
 
 
 @pytest.mark.parametrize("case", list(BAD_PAIRS))
-def test_bad_pair_is_refused(case: str, base: Snapshot, other: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_bad_pair_is_refused(
+    case: str, base: Snapshot, other: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     make, expected = BAD_PAIRS[case]
     cpu, memory = make(base, other, tmp_path)
     console = tmp_path / "console.log"
@@ -307,7 +342,9 @@ def test_snapshot_into_unwritable_dir_fails_cleanly(booted: Vmm, tmpfs: Callable
     remount(directory, "ro")
     booted.wait_advance()
     message = assert_rpc_error(
-        lambda: booted.call("snapshot_and_pause", str(old.cpu), str(old.memory), booted.port, True),
+        lambda: booted.call(
+            "snapshot_and_pause", str(old.cpu), str(old.memory), booted.port, True
+        ),
         "io: ",
     )
     assert str(directory) in message
@@ -319,7 +356,13 @@ def test_snapshot_into_unwritable_dir_fails_cleanly(booted: Vmm, tmpfs: Callable
     # A directory that does not exist.
     missing = tmp_path / "missing"
     assert_rpc_error(
-        lambda: booted.call("snapshot_and_pause", str(missing / "c"), str(missing / "m"), booted.port, False),
+        lambda: booted.call(
+            "snapshot_and_pause",
+            str(missing / "c"),
+            str(missing / "m"),
+            booted.port,
+            False,
+        ),
         "io: ",
         "no such directory",
     )
@@ -341,7 +384,11 @@ def test_snapshot_on_a_full_disk_fails_cleanly(booted: Vmm, tmpfs: Callable[[str
     booted.wait_advance()
     message = assert_rpc_error(
         lambda: booted.call(
-            "snapshot_and_pause", str(directory / "s.cpu"), str(directory / "s.mem"), booted.port, False
+            "snapshot_and_pause",
+            str(directory / "s.cpu"),
+            str(directory / "s.mem"),
+            booted.port,
+            False,
         ),
         "io: ",
         cause,
@@ -359,11 +406,15 @@ def test_snapshot_on_a_full_disk_fails_cleanly(booted: Vmm, tmpfs: Callable[[str
 def wait_qemu_gone(vm: Vmm, timeout: float) -> float:
     """Wait until the VMM's QEMU is gone; return how long it took."""
     started = time.monotonic()
-    wait_for(lambda: not vm.qemu_alive(), timeout, f"QEMU {vm.qemu_pid} to go", interval=0.01)
+    wait_for(
+        lambda: not vm.qemu_alive(), timeout, f"QEMU {vm.qemu_pid} to go", interval=0.01
+    )
     return time.monotonic() - started
 
 
-def test_sigkill_vmm_takes_qemu_down(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_sigkill_vmm_takes_qemu_down(
+    base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     snaps = tmp_path / "snaps"
     snaps.mkdir()
     vm = vmm.restore(base.cpu, base.memory, tmp_path / "console.log")
@@ -393,7 +444,11 @@ def test_sigkill_during_snapshot_keeps_a_whole_pair(fraction: float, base: Snaps
 
     def snapshot() -> None:
         try:
-            outcome.append(vm.call("snapshot_and_pause", str(old.cpu), str(old.memory), vm.port, True))
+            outcome.append(
+                vm.call(
+                    "snapshot_and_pause", str(old.cpu), str(old.memory), vm.port, True
+                )
+            )
         except Exception as exc:  # noqa: BLE001 - the VMM is killed under the call
             outcome.append(exc)
 
@@ -416,7 +471,9 @@ def test_sigkill_during_snapshot_keeps_a_whole_pair(fraction: float, base: Snaps
         assert not cpu_same, "the snapshot succeeded but the old pair is still there"
 
 
-def test_sigterm_stops_vmm_and_qemu(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_sigterm_stops_vmm_and_qemu(
+    base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     vm = vmm.restore(base.cpu, base.memory, tmp_path / "console.log")
     vm.wait_counter(base.last_counter + 1)
     os.kill(vm.pid, signal.SIGTERM)
@@ -426,7 +483,9 @@ def test_sigterm_stops_vmm_and_qemu(base: Snapshot, vmm: VmmPool, tmp_path: Path
     assert qemus_mentioning(str(tmp_path)) == []
 
 
-def test_shutdown_rpc_stops_vmm_and_qemu(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None:
+def test_shutdown_rpc_stops_vmm_and_qemu(
+    base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
     vm = vmm.restore(base.cpu, base.memory, tmp_path / "console.log")
     assert vm.call("shutdown") == "Success"
     assert vm.wait_exit(10) == 0, vm.stderr_tail()
