@@ -120,6 +120,9 @@ def bench_size(mib: int, runs: int, work: Path, kernel: Path) -> dict[str, float
         close(client)
     finally:
         stop_vmm(proc, port)
+    for line in (out / "vmm.log").read_text().splitlines():
+        if "written in" in line:
+            print(f"{mib} MiB: {line.split(': ', 1)[-1]}")
     cpu, mem = out / f"cpu{runs - 1}", out / f"mem{runs - 1}"
     data_mib = os.stat(mem).st_blocks * 512 / 2**20
     restores = []

@@ -20,7 +20,7 @@ from vmmgate.vmm import exitcodes
 from vmmgate.vmm.accel import ACCELS
 from vmmgate.vmm.errors import InvalidRequest, VmmError
 from vmmgate.vmm.listener import listening_socket
-from vmmgate.vmm.machine import KernelBoot
+from vmmgate.vmm.machine import KernelBoot, check_guest_ip
 from vmmgate.vmm.vm import VirtualMachine
 
 log = logging.getLogger("vmmgate.vmm")
@@ -58,6 +58,14 @@ def _bounded_int(low: int, high: int) -> callable:
         return value
 
     return parse
+
+
+def _guest_ip(text: str) -> str:
+    """An argparse type for ``--guest-ip``."""
+    try:
+        return check_guest_ip(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def default_initrd() -> str | None:
@@ -100,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--console-log", help="serial console log file (default: console-PORT.log)"
     )
     p.add_argument("--tap", help="attach the network card to this host tap device")
+    p.add_argument("--guest-ip", type=_guest_ip, metavar="ADDRESS/PREFIX",
+                   help="boot: the static address the guest gives eth0 (e.g. 192.168.210.2/24); "
+                        "user-mode networking then emulates that subnet and forwards SSH "
+                        "to it (a restore takes it from the snapshot)")  # fmt: skip
     p.add_argument("--net", choices=("user", "none"), default="user",
                    help="without --tap: user-mode networking with SSH forwarded (user), or none")  # fmt: skip
     p.add_argument("--accel", choices=ACCELS, default=os.environ.get("VMMGATE_ACCEL", "auto"),
@@ -123,6 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if restore and not (args.cpu_path and args.memory_path):
         parser.error("a restore needs both --cpu_path and --memory_path")
+    if restore and args.guest_ip:
+        parser.error("--guest-ip is for a boot; a restore takes it from the snapshot")
     return args
 
 
@@ -138,7 +152,8 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
             starter=Path(starter).absolute() if starter else None,
         )
         return VirtualMachine.boot(boot, args.memory, args.vcpus, console, tap=args.tap,
-                                   net_mode=args.net, accel=args.accel)  # fmt: skip
+                                   net_mode=args.net, accel=args.accel,
+                                   guest_ip=args.guest_ip)  # fmt: skip
     return VirtualMachine.restore(Path(args.cpu_path).absolute(),
                                   Path(args.memory_path).absolute(), console,
                                   tap=args.tap, accel=args.accel)  # fmt: skip

@@ -54,6 +54,8 @@ class CpuHeader:
     stream_length: int
     stream_sha256: str
     format_version: int = FORMAT_VERSION
+    #: The guest's static address the user-mode network was built for (None: QEMU's default).
+    guest_ip: str | None = None
 
     @property
     def memory_mib(self) -> int:

@@ -44,6 +44,7 @@ class SnapshotResult:
     stream_length: int
     ram_bytes_written: int
     seconds: float
+    phases: dict[str, float]
 
 
 def enable_ignore_shared(machine: QemuMachine) -> None:
@@ -161,10 +162,13 @@ def write_snapshot(
     started = time.perf_counter()
     memory_size = machine.spec.memory_mib * 1024 * 1024
     snapshot_id = uuid.uuid4().hex
+    phases: dict[str, float] = {}
     try:
         with AtomicFile(cpu_path) as cpu_file, AtomicFile(memory_path) as mem_file:
             stream_length = save_device_state(machine, cpu_file.fd)
+            phases["device_state"] = time.perf_counter() - started
             written = ramcopy.sparse_copy(machine.ram_fd, mem_file.fd, memory_size)
+            phases["ram_copy"] = time.perf_counter() - started - sum(phases.values())
             os.ftruncate(mem_file.fd, memory_size)
             os.pwrite(
                 mem_file.fd, memory_trailer_block(snapshot_id, memory_size), memory_size
@@ -186,6 +190,7 @@ def write_snapshot(
             # arriving then takes effect before the second rename: a mixed pair.
             os.fsync(mem_file.fd)
             os.fsync(cpu_file.fd)
+            phases["fsync"] = time.perf_counter() - started - sum(phases.values())
             replaced = [_hold(memory_path), _hold(cpu_path)]
             try:
                 # Memory first: a crash between the renames leaves a pair that is refused
@@ -197,6 +202,7 @@ def write_snapshot(
                     if fd is not None:
                         os.close(fd)
             _fsync_dirs(cpu_path, memory_path)
+            phases["rename"] = time.perf_counter() - started - sum(phases.values())
     except OSError as exc:
         if isinstance(exc, SnapshotIOError):
             raise
@@ -211,4 +217,5 @@ def write_snapshot(
         stream_length=stream_length,
         ram_bytes_written=written,
         seconds=time.perf_counter() - started,
+        phases=phases,
     )

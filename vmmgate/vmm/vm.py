@@ -59,17 +59,22 @@ def free_local_port() -> int:
 def check_tap(name: str) -> None:
     """Refuse a tap device that does not exist (QEMU would silently create one)."""
     if not Path("/sys/class/net", name).exists():
-        raise InvalidRequest(f"tap device {name!r} does not exist on this host")
+        raise InvalidRequest(
+            f"tap device {name!r} does not exist on this host (create it first, e.g. "
+            f"`ip tuntap add dev {name} mode tap`, or leave it out for user-mode networking)"
+        )
 
 
-def network_for(tap: str | None, net_mode: str) -> NetSpec:
-    """Return the network card for a new VM."""
+def network_for(
+    tap: str | None, net_mode: str, guest_ip: str | None = None
+) -> NetSpec:
+    """Return the network card for a new VM (``guest_ip``: its static address, if known)."""
     if tap:
         check_tap(tap)
-        return NetSpec(mode="tap", tap=tap)
+        return NetSpec(mode="tap", tap=tap, guest_ip=guest_ip)
     if net_mode == "user":
-        return NetSpec(mode="user", ssh_port=free_local_port())
-    return NetSpec(mode="none")
+        return NetSpec(mode="user", ssh_port=free_local_port(), guest_ip=guest_ip)
+    return NetSpec(mode="none", guest_ip=guest_ip)
 
 
 class VirtualMachine:
@@ -85,7 +90,8 @@ class VirtualMachine:
 
     @classmethod
     def boot(cls, boot: KernelBoot, memory_mib: int, vcpus: int, console_log: Path,
-             tap: str | None = None, net_mode: str = "user", accel: str = "auto") -> VirtualMachine:  # fmt: skip
+             tap: str | None = None, net_mode: str = "user", accel: str = "auto",
+             guest_ip: str | None = None) -> VirtualMachine:  # fmt: skip
         """Boot a fresh guest from a kernel."""
         for label, path in (("kernel", boot.kernel), ("initrd", boot.initrd),
                             ("starter file", boot.starter)):  # fmt: skip
@@ -94,7 +100,7 @@ class VirtualMachine:
                     f"{label} {str(path)!r} does not exist or is not a file"
                 )
         machine_accel = accel_mod.choose_accel(accel, find_qemu(), boot.kernel)
-        net = network_for(tap, net_mode)
+        net = network_for(tap, net_mode, guest_ip)
         spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=machine_accel, net=net,
                            console_log=console_log)  # fmt: skip
         machine = QemuMachine(spec, boot=boot)
@@ -181,7 +187,11 @@ class VirtualMachine:
             self.machine.qmp("cont")
             self.state = VmState.RUNNING
         log.info(
-            "snapshot %s written in %.0f ms", result.snapshot_id, result.seconds * 1000
+            "snapshot %s written in %.0f ms (%s; %d MiB of RAM)",
+            result.snapshot_id,
+            result.seconds * 1000,
+            ", ".join(f"{k} {v * 1000:.0f}" for k, v in result.phases.items()),
+            result.ram_bytes_written >> 20,
         )
         return result
 
@@ -193,6 +203,7 @@ class VirtualMachine:
             "machine": self._machine_type(),
             "accel": spec.accel,
             "net": spec.net.mode,
+            "guest_ip": spec.net.guest_ip,
             "qemu_version": self.qemu_version(),
         }
 
@@ -226,6 +237,7 @@ class VirtualMachine:
             "net": spec.net.mode,
             "tap": spec.net.tap,
             "ssh_port": spec.net.ssh_port,
+            "guest_ip": spec.net.guest_ip,
             "console_log": str(spec.console_log),
             "origin": origin,
             "uptime_s": round(time.time() - self.started, 3),
@@ -245,12 +257,15 @@ def _restore_network(header: CpuHeader, tap: str | None) -> NetSpec:
                 "this snapshot was taken with a tap device: give one to restore it"
             )
         check_tap(tap)
-        return NetSpec(mode="tap", tap=tap)
+        return NetSpec(mode="tap", tap=tap, guest_ip=header.guest_ip)
     if tap:
         raise InvalidRequest(
             f"this snapshot was taken with {header.net!r} networking; it cannot be restored "
             "onto a tap device"
         )
     if header.net == "user":
-        return NetSpec(mode="user", ssh_port=free_local_port())
-    return NetSpec(mode="none")
+        # A new forwarded port, the same emulated network the guest was set up for.
+        return NetSpec(
+            mode="user", ssh_port=free_local_port(), guest_ip=header.guest_ip
+        )
+    return NetSpec(mode="none", guest_ip=header.guest_ip)
