@@ -17,6 +17,9 @@ threads = _server.threads
 timeout = _server.timeout
 graceful_timeout = 30
 wsgi_app = "app:app"
+# No control socket: it would live outside the state dir ($HOME/.gunicorn) and
+# several servers (tests) would fight over one path.
+control_socket_disable = True
 
 _PR_SET_CHILD_SUBREAPER = 36
 
