@@ -25,10 +25,12 @@ setup: system-packages $(VENV)/.installed guest
 system-packages:
 	scripts/install-system-packages
 
-# Recreated when requirements.txt changes.
-$(VENV)/.installed: requirements.txt
+# Recreated when requirements.txt changes. The package itself is installed
+# editable last: that puts the `vmmgate` command in $(VENV)/bin.
+$(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 guest: $(VENV)/.installed  ## the demo kernel + initramfs in $(STATE)/guest (no-op when up to date)

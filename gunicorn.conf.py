@@ -4,6 +4,8 @@ import ctypes
 import logging
 import sys
 
+from vmmgate import master
+from vmmgate.auth import exposure_warning
 from vmmgate.config import server_settings
 
 _server = server_settings()
@@ -44,9 +46,15 @@ def on_starting(server):
         server.log.warning(
             "could not become child subreaper; orphaned VMMs go to PID 1"
         )
+    # Metrics shared by all workers; exit statuses of the VMMs adopted above.
+    master.on_starting(server)
     server.log.info(
-        "vmmgate listening on %s (%d workers x %d threads)",
+        "vmmgate listening on %s (%d workers x %d threads)%s",
         _server.bind.gunicorn_bind,
         workers,
         threads,
+        "; bearer token required" if _server.token_required else "",
     )
+    warning = exposure_warning(_server.bind, _server.token_required)
+    if warning:
+        server.log.warning(warning)

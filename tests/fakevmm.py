@@ -5,7 +5,9 @@ comes from ``FAKE_VMM_MODE``:
 
 - ``ok``: answer RPC (status, snapshot_and_pause, pause, resume, shutdown);
 - ``die``: print a message on stderr and exit 3 at once;
+- ``refuse``: log a refusal as the bundled VMM does for bad input and exit 4;
 - ``hang``: keep running but never answer RPC;
+- ``stubborn``: answer RPC, but ignore ``shutdown`` and SIGTERM (only SIGKILL stops it);
 - ``error:<message>``: answer every snapshot with that RPC error message.
 
 It writes its argv as JSON to ``argv.json`` in its working directory.
@@ -24,14 +26,23 @@ import time
 import msgpackrpc
 from msgpackrpc.transport import tcp
 
+#: The SSH port the fake reports without a tap device (nothing listens there).
+FAKE_SSH_PORT = 2222
+
 
 class Handler:
     """The RPC methods, mimicking the bundled VMM's answers."""
 
     def __init__(
-        self, server: msgpackrpc.Server, memory: int, vcpus: int, error: str | None
+        self,
+        server: msgpackrpc.Server,
+        memory: int,
+        vcpus: int,
+        error: str | None,
+        ssh_port: int | None = None,
     ) -> None:
         self.server = server
+        self.ssh_port = ssh_port
         self.state = "running"
         self.memory = memory
         self.vcpus = vcpus
@@ -45,6 +56,7 @@ class Handler:
             "memory_mib": self.memory,
             "vcpus": self.vcpus,
             "accel": "tcg",
+            "ssh_port": self.ssh_port,
         }
 
     def snapshot_and_pause(self, cpu: str, memory: str, port: int, resume: bool) -> str:
@@ -81,8 +93,9 @@ class Handler:
         raise RuntimeError(message)
 
     def shutdown(self) -> str:
-        """Exit soon after answering."""
-        self.server._loop._ioloop.call_later(0.05, lambda: os._exit(0))
+        """Exit soon after answering (a stubborn fake only answers)."""
+        if os.environ.get("FAKE_VMM_MODE") != "stubborn":
+            self.server._loop._ioloop.call_later(0.05, lambda: os._exit(0))
         return "Success"
 
 
@@ -98,6 +111,7 @@ def main() -> None:
     parser.add_argument("--vcpus", type=int, default=1)
     parser.add_argument("--console-log")
     parser.add_argument("--tap")
+    parser.add_argument("--guest-ip")
     args = parser.parse_args()
     with open("argv.json", "w") as out:
         json.dump(sys.argv[1:], out)
@@ -107,6 +121,13 @@ def main() -> None:
             "fakevmm: cannot start: the kernel image is not a kernel", file=sys.stderr
         )
         sys.exit(3)
+    if mode == "refuse":
+        print(
+            "vmm ERROR vmmgate.vmm: cannot start the VM: tap device "
+            f"{args.tap!r} does not exist on this host",
+            file=sys.stderr,
+        )
+        sys.exit(4)
     if args.listen_fd is not None:
         sock = socket.socket(fileno=args.listen_fd)
     else:
@@ -125,7 +146,9 @@ def main() -> None:
             console.write("vmmgate-guest: up\n")
     error = mode.partition(":")[2] if mode.startswith("error:") else None
     server = msgpackrpc.Server(None, unpack_encoding="utf-8")
-    server._dispatcher = Handler(server, args.memory, args.vcpus, error)
+    server._dispatcher = Handler(
+        server, args.memory, args.vcpus, error, None if args.tap else FAKE_SSH_PORT
+    )
     transport = tcp.ServerTransport(
         msgpackrpc.Address("127.0.0.1", args.port), ("utf-8", "utf-8")
     )
@@ -134,7 +157,10 @@ def main() -> None:
         transport, io_loop=server._loop._ioloop, encodings=("utf-8", "utf-8")
     )
     transport._mp_server.add_socket(sock)
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     server.start()
 
 

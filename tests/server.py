@@ -140,14 +140,14 @@ class Server:
         )
 
     def _answers(self) -> bool:
-        """Tell whether the server answers HTTP (a 404 is an answer)."""
+        """Tell whether the server answers HTTP (a 404, or 401 with a token, is an answer)."""
         assert self.process is not None
         if self.process.poll() is not None:
             raise AssertionError(
                 f"gunicorn exited with {self.process.returncode}; see {self.log}"
             )
         try:
-            return self.request("GET", "/", timeout=2).status == 404
+            return self.request("GET", "/", timeout=2).status in (401, 404)
         except OSError:
             return False
 

@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.fakevmm import FAKE_SSH_PORT
 from vmmgate import rpc, service
 from vmmgate.errors import SnapshotMismatch
 from vmmgate.registry import VmState, is_same_process
@@ -167,7 +168,7 @@ def test_unknown_route_wrong_method_and_too_large(
 ) -> None:
     """404, 405 (with Allow) and 413 all use the same JSON shape."""
     assert_error(client.get("/"), 404)
-    assert_error(client.post("/vms/1"), 404)
+    assert_error(client.post("/vms/1/nothing"), 404)
     response = client.get("/create")
     assert_error(response, 405)
     assert "POST" in response.headers["Allow"]
@@ -250,8 +251,9 @@ def test_boot_answers_pid_and_port_and_registers(
     response = client.post("/create", json=boot_body("vmlinuz"))
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
-    assert set(body) == {"pid", "port"}
+    assert {"pid", "port", "ssh_port"} <= set(body)
     assert type(body["pid"]) is int and type(body["port"]) is int
+    assert body["ssh_port"] == FAKE_SSH_PORT  # as the VMM's status reported it
     record = get_service(app).registry.find_live_by_port(body["port"])
     assert (
         record is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -141,6 +142,19 @@ def test_unusable_passwords_are_refused(password: str) -> None:
     """chpasswd is line based; NUL cannot be passed; empty would leave no password."""
     with pytest.raises(StarterConfigError, match="config.password"):
         starter.render(StarterConfig("bob", password, 1))
+
+
+@pytest.mark.parametrize("password", ["x" * 101, "é" * 51, "\U0001f511" * 26])
+def test_passwords_dropbear_cannot_check_are_refused(password: str) -> None:
+    """dropbear refuses passwords over 100 bytes: one that long could never log in."""
+    with pytest.raises(StarterConfigError, match="at most 100"):
+        starter.render(StarterConfig("bob", password, 1))
+
+
+@pytest.mark.parametrize("password", ["x" * 100, "é" * 50, "\U0001f511" * 25])
+def test_passwords_up_to_100_bytes_render(password: str) -> None:
+    """100 bytes of UTF-8 is the longest password."""
+    assert shlex.quote(password) in starter.render(StarterConfig("bob", password, 1))
 
 
 def test_written_file_is_private(tmp_path: Path) -> None:

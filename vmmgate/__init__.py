@@ -16,8 +16,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     # own processes, never pay for importing Flask.
     from flask import Flask
 
-    from vmmgate import config, http_errors, service
-    from vmmgate.blueprints import create, snapshot
+    from vmmgate import auth, config, http_errors, lifecycle, metrics, service
+    from vmmgate.blueprints import create, ops, snapshot, vms
 
     app = Flask(__name__)
     # Keep the error object's keys in the original's order (code, reason, description).
@@ -27,7 +27,12 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.from_mapping(test_config)
     config.init_app(app)
     http_errors.init_app(app)
+    metrics.init_app(app)
+    auth.init_app(app)
     service.init_app(app)
+    lifecycle.init_app(app)
     app.register_blueprint(create.bp)
     app.register_blueprint(snapshot.bp)
+    app.register_blueprint(vms.bp)
+    app.register_blueprint(ops.bp)
     return app

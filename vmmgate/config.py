@@ -13,14 +13,15 @@ import shlex
 import sys
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
-from vmmgate import state
+from vmmgate import auth, limits, state
 from vmmgate.errors import ConfigError, flatten_messages
+from vmmgate.limits import Limits
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -48,6 +49,8 @@ SETTING_KEYS = (
     "VMMGATE_DEFAULT_MEMORY_MIB",
     "VMMGATE_DEFAULT_VCPUS",
     "VMMGATE_MAX_BODY_BYTES",
+    *limits.KEYS,
+    *auth.KEYS,
 )
 #: Read by gunicorn.conf.py only.
 SERVER_KEYS = ("VMMGATE_WORKERS", "VMMGATE_THREADS")
@@ -70,6 +73,9 @@ class Settings:
     default_vcpus: int
     max_body_bytes: int
     cwd: Path
+    limits: Limits = field(default_factory=Limits)
+    #: The bearer token every request must carry (auth.py), or None.
+    token: str | None = field(default=None, repr=False)
 
     @property
     def registry_path(self) -> Path:
@@ -202,6 +208,8 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         default_vcpus=data["default_vcpus"],
         max_body_bytes=data["max_body_bytes"],
         cwd=cwd,
+        limits=limits.load_limits(mapping),
+        token=auth.load_token(mapping, cwd),
     )
 
 
@@ -342,6 +350,8 @@ class ServerSettings:
     workers: int
     threads: int
     timeout: int
+    #: Whether requests must carry a bearer token (VMMGATE_TOKEN / _FILE).
+    token_required: bool = False
 
 
 class _ServerSchema(Schema):
@@ -384,4 +394,5 @@ def server_settings(
         workers=data["workers"],
         threads=data["threads"],
         timeout=timeout,
+        token_required=app_settings.token is not None,
     )

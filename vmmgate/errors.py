@@ -11,12 +11,18 @@ to HTTP statuses lives in one place, :mod:`vmmgate.http_errors`.
     │   ├── MalformedBody           not JSON at all                     400
     │   └── InvalidRequest          JSON, but not acceptable            422
     │       ├── InvalidBody         fails the body schema (field messages)
+    │       ├── InvalidQuery        fails the query-string schema
     │       ├── PathRefused         outside the roots, missing, not a file...
     │       ├── StarterConfigError  config.username / password / id
     │       ├── SnapshotMismatch    snapshot files missing, corrupt, unpaired
-    │       └── UnsupportedOption   the configured VMM cannot do what was asked
+    │       ├── UnsupportedOption   the configured VMM cannot do what was asked
+    │       └── VmmRefusedInput     the VMM exited refusing its input (no such tap...)
+    ├── Unauthorized                missing or wrong bearer token         401
     ├── VmNotFound                  no live VM of ours on that port       404
     ├── VmConflict                  the VM is in the wrong state          409
+    │   └── SnapshotInProgress      another snapshot of this VM is running
+    ├── LimitExceeded               a configured limit would be exceeded  429
+    ├── InsufficientStorage         too little free disk for a snapshot   507
     ├── LaunchError                 a VMM could not be started
     │   ├── VmmStartError           it died at start (exit code, argv, log)
     │   ├── VmmReadyTimeout         it did not become ready in time       504
@@ -25,6 +31,7 @@ to HTTP statuses lives in one place, :mod:`vmmgate.http_errors`.
         ├── RpcUnreachable          nothing answers on the port           502
         ├── RpcTimeout              no answer within the call timeout     504
         ├── RpcConnectionLost       the VMM closed the connection mid-call 502
+        │   └── VmmDied             ... because it exited (cleaned up after)
         └── RpcRemoteError          the VMM answered with an error
             ├── RemoteInvalid       "invalid: ..."                        422
             ├── RemoteConflict      "conflict: ..."                       409
@@ -71,6 +78,14 @@ class InvalidBody(InvalidRequest):
         super().__init__("Invalid request body: " + flatten_messages(messages))
 
 
+class InvalidQuery(InvalidRequest):
+    """The query string fails its schema; carries marshmallow's per-parameter messages."""
+
+    def __init__(self, messages: Mapping[str, object] | Sequence[object] | str) -> None:
+        self.messages = messages
+        super().__init__("Invalid query string: " + flatten_messages(messages))
+
+
 class PathRefused(InvalidRequest):
     """A path in the body is outside the allowed roots or unusable."""
 
@@ -87,12 +102,44 @@ class UnsupportedOption(InvalidRequest):
     """The configured VMM does not support an option the request uses."""
 
 
+class Unauthorized(VmmgateError):
+    """The request lacks the bearer token the server requires, or has a wrong one."""
+
+    def __init__(self, message: str, *, challenge: str) -> None:
+        self.challenge = challenge
+        super().__init__(message)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Return the headers a 401 must carry (RFC 6750's challenge)."""
+        return {"WWW-Authenticate": self.challenge}
+
+
+class VmmRefusedInput(InvalidRequest):
+    """The bundled VMM exited at start because of what the request named.
+
+    For example a tap device that does not exist (any more): the caller's fault.
+    """
+
+
 class VmNotFound(VmmgateError):
     """No live VM launched by this server matches the request."""
 
 
 class VmConflict(VmmgateError):
     """The VM exists but is in a state that forbids the operation."""
+
+
+class SnapshotInProgress(VmConflict):
+    """Another snapshot of the same VM has not finished yet."""
+
+
+class LimitExceeded(VmmgateError):
+    """Serving the request would exceed a configured limit (VMs, memory, snapshots)."""
+
+
+class InsufficientStorage(VmmgateError):
+    """A snapshot target's file system has too little free space."""
 
 
 class LaunchError(VmmgateError):
@@ -145,6 +192,10 @@ class RpcTimeout(RpcError):
 
 class RpcConnectionLost(RpcError):
     """The connection closed before the VMM answered (the VMM likely died)."""
+
+
+class VmmDied(RpcConnectionLost):
+    """The VMM exited during the call; its leftovers have been cleaned up."""
 
 
 class RpcRemoteError(RpcError):

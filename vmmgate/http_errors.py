@@ -14,8 +14,10 @@ from werkzeug.http import HTTP_STATUS_CODES
 
 from vmmgate.errors import (
     ConfigError,
+    InsufficientStorage,
     InvalidRequest,
     LaunchError,
+    LimitExceeded,
     MalformedBody,
     NoFreePort,
     RemoteConflict,
@@ -27,6 +29,7 @@ from vmmgate.errors import (
     RpcError,
     RpcTimeout,
     RpcUnreachable,
+    Unauthorized,
     VmConflict,
     VmmgateError,
     VmmReadyTimeout,
@@ -41,8 +44,11 @@ log = logging.getLogger(__name__)
 STATUS: dict[type[VmmgateError], int] = {
     MalformedBody: 400,  # Rocket's Json guard: syntax error
     InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
+    Unauthorized: 401,
     VmNotFound: 404,
     VmConflict: 409,
+    LimitExceeded: 429,
+    InsufficientStorage: 507,
     VmmStartError: 500,
     VmmReadyTimeout: 504,
     NoFreePort: 503,
@@ -96,7 +102,9 @@ def _domain_error(error: VmmgateError) -> Response:
         log.error("%s: %s", type(error).__name__, error.description)
     else:
         log.info("refused (%s %s): %s", code, type(error).__name__, error.description)
-    return error_response(code, error.description)
+    response = error_response(code, error.description)
+    response.headers.update(getattr(error, "headers", {}))
+    return response
 
 
 def _http_error(error: HTTPException) -> Response:

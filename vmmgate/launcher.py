@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,14 +32,17 @@ from typing import Any
 from vmmgate import starter, state
 from vmmgate.config import Settings
 from vmmgate.errors import (
+    LimitExceeded,
     NoFreePort,
     RpcConnectionLost,
     RpcTimeout,
     RpcUnreachable,
     UnsupportedOption,
     VmmReadyTimeout,
+    VmmRefusedInput,
     VmmStartError,
 )
+from vmmgate.limits import vm_admission
 from vmmgate.registry import (
     PortTaken,
     Registry,
@@ -58,6 +62,11 @@ LOG_TAIL_LINES = 20
 PORT_ATTEMPTS = 5
 #: How long one readiness probe may wait before the launcher checks the process again.
 PROBE_INTERVAL_S = 1.0
+#: The bundled VMM's exit status for bad input (vmmgate.vmm.exitcodes.BAD_INPUT):
+#: a missing tap device, damaged snapshot files... the caller's fault, not ours.
+VMM_BAD_INPUT = 4
+#: How the bundled VMM logs why it refused to start.
+_REFUSAL_MARK = "cannot start the VM: "
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,10 @@ def build_argv(
             argv += ["--memory", str(spec.memory_mib)]
         if spec.vcpus is not None:
             argv += ["--vcpus", str(spec.vcpus)]
+        if spec.starter is not None:
+            # The address the start-up script gives eth0: user-mode networking
+            # emulates that subnet and forwards SSH to it.
+            argv.append(f"--guest-ip={starter.guest_address(spec.starter)}")
     argv += ["--console-log", str(files.console_log)]
     if spec.tap_device is not None:
         # "=" form: the value is one argument even if it could look like an option.
@@ -399,10 +412,21 @@ class Launcher:
             exited_at=None,
             exit_status=None,
         )
-        for _ in range(2):
+        memory = spec.memory_mib or self.settings.default_memory_mib
+        admit = vm_admission(
+            self.settings.limits, memory, self.settings.default_memory_mib
+        )
+        for attempt in range(2):
             try:
-                self.registry.insert(record)
+                self.registry.insert(record, admit=admit)
                 return True
+            except LimitExceeded:
+                # VMs whose end nobody recorded (their worker died) must not count.
+                if attempt == 0 and self.forget_dead():
+                    continue
+                # Nothing half-created: no row, no process, no run directory.
+                shutil.rmtree(files.vm_dir, ignore_errors=True)
+                raise
             except PortTaken as taken:
                 holder = taken.holder
                 if holder is None or self.is_alive(holder):
@@ -410,6 +434,13 @@ class Launcher:
                 # The holder ended without anyone noticing (its worker died): free the port.
                 self.registry.mark_ended(holder.id, VmState.EXITED, None)
         return False
+
+    def forget_dead(self) -> int:
+        """Mark exited every live VM whose VMM is gone; return how many."""
+        dead = [r for r in self.registry.list() if r.is_live and not self.is_alive(r)]
+        for record in dead:
+            self.registry.mark_ended(record.id, VmState.EXITED, None)
+        return len(dead)
 
     def is_alive(self, record: VmRecord) -> bool:
         """Tell whether ``record``'s VMM is still the process we started."""
@@ -477,6 +508,7 @@ class Launcher:
             run_state,
             _int_or_none(status.get("memory_mib")),
             _int_or_none(status.get("vcpus")),
+            _int_or_none(status.get("ssh_port")),
         )
         record = self.registry.get(process.vm_id)
         assert record is not None
@@ -495,6 +527,11 @@ class Launcher:
         client = VmmClient(port, connect_timeout=self.settings.rpc_connect_timeout)
         while True:
             if process.exited:
+                if (
+                    self.settings.vmm_flavor == "bundled"
+                    and process.returncode == VMM_BAD_INPUT
+                ):
+                    raise VmmRefusedInput(_refusal(process.log_tail()))
                 raise VmmStartError(
                     "The VMM exited before it was ready",
                     exit_code=process.returncode,
@@ -522,6 +559,18 @@ class Launcher:
             except (RpcUnreachable, RpcConnectionLost):
                 # Refused or reset: the VMM is probably dying; give the reaper a moment.
                 process.wait_exit(min(0.2, probe))
+
+
+def _refusal(log_tail: str) -> str:
+    """Return the description of a VMM that refused its input (its own reason, if logged)."""
+    reasons = [
+        line.split(_REFUSAL_MARK, 1)[1].strip()
+        for line in log_tail.splitlines()
+        if _REFUSAL_MARK in line
+    ]
+    if reasons:
+        return f"The VMM refused to start the VM: {reasons[-1]}."
+    return "The VMM refused to start the VM; last lines of its log:\n" + log_tail
 
 
 def _accepts(port: int, timeout: float) -> bool:

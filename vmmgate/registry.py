@@ -13,13 +13,13 @@ import enum
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 BUSY_TIMEOUT_S = 10.0
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class VmState(enum.StrEnum):
@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS vms (
     vm_dir               TEXT NOT NULL,
     created_at           REAL NOT NULL,
     exited_at            REAL,
-    exit_status          INTEGER
+    exit_status          INTEGER,
+    ssh_port             INTEGER
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_live_port ON vms (port) WHERE state IN {_LIVE_SQL};
 CREATE INDEX IF NOT EXISTS vms_state ON vms (state);
@@ -102,6 +103,8 @@ class VmRecord:
     created_at: float
     exited_at: float | None
     exit_status: int | None
+    #: 127.0.0.1 port forwarded to the guest's SSH (user-mode networking), else None.
+    ssh_port: int | None = None
 
     @property
     def is_live(self) -> bool:
@@ -157,6 +160,7 @@ class Registry:
             # WAL lets every worker read while one writes; it persists in the file.
             db.execute("PRAGMA journal_mode = WAL")
             db.executescript(_SCHEMA)
+            _add_missing_columns(db)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -169,10 +173,36 @@ class Registry:
         finally:
             db.close()
 
-    def insert(self, record: VmRecord) -> None:
-        """Insert a new VM; raise PortTaken if a live VM already has its port."""
-        placeholders = ", ".join("?" for _ in _COLUMNS)
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Yield a connection inside a write transaction (BEGIN IMMEDIATE), committed at the end.
+
+        IMMEDIATE takes the file's write lock at once, so what the block reads
+        cannot change before it writes, whichever worker runs it.
+        """
         with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def insert(
+        self,
+        record: VmRecord,
+        admit: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """Insert a new VM; raise PortTaken if a live VM already has its port.
+
+        ``admit`` runs first in the same write transaction and may raise to refuse
+        the VM (the limits on VMs and memory), so checking and inserting are atomic.
+        """
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        with self.transaction() as db:
+            if admit is not None:
+                admit(db)
             try:
                 db.execute(
                     f"INSERT INTO vms ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
@@ -194,14 +224,20 @@ class Registry:
             )
 
     def set_running(
-        self, vm_id: str, state: VmState, memory_mib: int | None, vcpus: int | None
+        self,
+        vm_id: str,
+        state: VmState,
+        memory_mib: int | None,
+        vcpus: int | None,
+        ssh_port: int | None = None,
     ) -> None:
         """Record that a live VM is running or paused, with its size as the VMM reports it."""
         with self._connect() as db:
             db.execute(
                 f"UPDATE vms SET state = ?, memory_mib = COALESCE(?, memory_mib), "
-                f"vcpus = COALESCE(?, vcpus) WHERE id = ? AND state IN {_LIVE_SQL}",
-                (state.value, memory_mib, vcpus, vm_id),
+                f"vcpus = COALESCE(?, vcpus), ssh_port = COALESCE(?, ssh_port) "
+                f"WHERE id = ? AND state IN {_LIVE_SQL}",
+                (state.value, memory_mib, vcpus, ssh_port, vm_id),
             )
 
     def set_state(self, vm_id: str, state: VmState) -> None:
@@ -257,6 +293,44 @@ class Registry:
                     (state.value,),
                 ).fetchall()
         return [_record(row) for row in rows]
+
+    def delete(self, vm_id: str) -> bool:
+        """Forget a VM (``DELETE /vms/<id>``); tell whether it was there."""
+        with self._connect() as db:
+            return db.execute("DELETE FROM vms WHERE id = ?", (vm_id,)).rowcount > 0
+
+    def record_exit(self, pid: int, start_time: int, exit_status: int) -> int:
+        """Record the exit status of the VMM that was ``pid`` started at ``start_time``.
+
+        For a reaper that knows only the process (the gunicorn master adopting
+        a dead worker's VMMs); return how many VMs matched (0 or 1).
+        """
+        with self._connect() as db:
+            return db.execute(
+                "UPDATE vms SET state = CASE WHEN state = 'starting' THEN 'failed' "
+                f"WHEN state IN {_LIVE_SQL} THEN 'exited' ELSE state END, "
+                "exited_at = COALESCE(exited_at, ?), "
+                "exit_status = COALESCE(exit_status, ?) "
+                "WHERE pid = ? AND pid_start_time = ?",
+                (time.time(), exit_status, pid, start_time),
+            ).rowcount
+
+
+#: Columns added after schema version 1: name -> SQL type.
+_ADDED_COLUMNS = {"ssh_port": "INTEGER"}
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Upgrade a registry file written by an older version (another worker may race us)."""
+    present = {row["name"] for row in db.execute("PRAGMA table_info(vms)")}
+    for name, sql_type in _ADDED_COLUMNS.items():
+        if name in present:
+            continue
+        try:
+            db.execute(f"ALTER TABLE vms ADD COLUMN {name} {sql_type}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _record(row: sqlite3.Row) -> VmRecord:

@@ -51,6 +51,7 @@ _REMOTE_KINDS: dict[str, type[RpcRemoteError]] = {
 _NO_SPACE_MARKERS = (
     "enospc",
     "no space left",
+    "not enough free space",  # the VMM's own check, before it pauses the VM
     f"[errno {errno.ENOSPC}]",
     "edquot",
     "disk quota",

@@ -76,10 +76,14 @@ class SnapshotRequest:
 
 @dataclass(frozen=True)
 class CreateResponse:
-    """The ``/create`` answer: the VMM's pid and its RPC port."""
+    """The ``/create`` answer: the VMM's pid and its RPC port (and the guest's SSH port)."""
 
     pid: int
     port: int
+    #: The VM's id in the registry (``/vms/<id>``).
+    id: str
+    #: 127.0.0.1 port forwarded to the guest's port 22 (user-mode networking), else None.
+    ssh_port: int | None = None
 
 
 class _BodySchema(Schema):
@@ -143,6 +147,8 @@ class CreateResponseSchema(Schema):
 
     pid = fields.Integer(required=True)
     port = fields.Integer(required=True)
+    id = fields.String(required=True)
+    ssh_port = fields.Integer(required=True, allow_none=True)
 
 
 class ErrorDetailSchema(Schema):

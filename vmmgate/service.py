@@ -25,6 +25,7 @@ from vmmgate.paths import PathPolicy
 from vmmgate.registry import Registry, VmKind, VmRecord, VmState
 from vmmgate.rpc import VmmClient
 from vmmgate.schemas import CreateRequest, CreateResponse, SnapshotRequest
+from vmmgate.snapshot_guard import SnapshotGuard
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -34,13 +35,16 @@ log = logging.getLogger(__name__)
 SNAPSHOT_DONE = "Snapshot taken successfully"
 
 
-def verify_snapshot_pair(cpu_path: Path, memory_path: Path) -> None:
-    """Check with the bundled VMM's own reader that the two files are one snapshot."""
+def verify_snapshot_pair(cpu_path: Path, memory_path: Path) -> int:
+    """Check with the bundled VMM's own reader that the two files are one snapshot.
+
+    Return the snapshot's guest memory in MiB.
+    """
     # Imported here: the VMM package is a separate program and loads only when needed.
     from vmmgate.vmm.snapfile import SnapshotFileError, verify_pair
 
     try:
-        verify_pair(cpu_path, memory_path)
+        return verify_pair(cpu_path, memory_path).memory_mib
     except SnapshotFileError as exc:
         raise SnapshotMismatch(
             f"Cannot restore from these snapshot files: {exc}"
@@ -61,6 +65,7 @@ class VmService:
         self.registry = registry
         self.launcher = launcher
         self.paths = paths
+        self.guard = SnapshotGuard(settings, registry, launcher)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> VmService:
@@ -68,12 +73,14 @@ class VmService:
         registry = Registry(settings.registry_path)
         registry.create()
         settings.vms_dir.mkdir(parents=True, exist_ok=True)
-        return cls(
+        service = cls(
             settings,
             registry,
             Launcher(settings, registry),
             PathPolicy(settings.cwd, settings.kernel_roots, settings.snapshot_roots),
         )
+        service.guard.create()
+        return service
 
     def create(self, request: CreateRequest) -> CreateResponse:
         """Boot a VM from a kernel, or restore one from snapshot files (``resume``)."""
@@ -82,7 +89,9 @@ class VmService:
         )
         record = self.launcher.launch(spec)
         assert record.pid is not None
-        return CreateResponse(pid=record.pid, port=record.port)
+        return CreateResponse(
+            pid=record.pid, port=record.port, id=record.id, ssh_port=record.ssh_port
+        )
 
     def _boot_spec(self, request: CreateRequest) -> LaunchSpec:
         """Validate a boot request; the snapshot paths are ignored, as the original did."""
@@ -108,12 +117,16 @@ class VmService:
             )
         if self.settings.vmm_flavor == "bundled":
             # Another VMM has its own snapshot format: only it can judge its files.
-            verify_snapshot_pair(cpu, memory)
+            memory_mib = verify_snapshot_pair(cpu, memory)
+        else:
+            # Counted against VMMGATE_MAX_TOTAL_MEMORY_MIB: the raw RAM image's size.
+            memory_mib = max(1, memory.stat().st_size >> 20)
         return LaunchSpec(
             kind=VmKind.RESTORE,
             cpu_path=cpu,
             memory_path=memory,
             tap_device=request.tap_device,
+            memory_mib=memory_mib,
         )
 
     def snapshot(self, request: SnapshotRequest) -> str:
@@ -130,14 +143,17 @@ class VmService:
         if record.state is VmState.STARTING:
             raise VmConflict(f"VM {record.id} on port {record.port} is still starting.")
         client = self._client(record)
-        try:
-            client.snapshot_and_pause(str(cpu), str(memory), request.resume)
-        except (RpcUnreachable, RpcConnectionLost):
-            self._forget_if_dead(record)
-            raise
-        self.registry.set_state(
-            record.id, VmState.RUNNING if request.resume else VmState.PAUSED
-        )
+        # Free disk checked, this VM's snapshot slot held (one at a time, a bounded
+        # number in all), and a VMM that dies under the call cleaned up after.
+        with self.guard.guard(record, cpu, memory):
+            try:
+                client.snapshot_and_pause(str(cpu), str(memory), request.resume)
+            except (RpcUnreachable, RpcConnectionLost):
+                self._forget_if_dead(record)
+                raise
+            self.registry.set_state(
+                record.id, VmState.RUNNING if request.resume else VmState.PAUSED
+            )
         log.info(
             "VM %s snapshotted to %s + %s (resume=%s)",
             record.id,

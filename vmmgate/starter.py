@@ -19,7 +19,9 @@ from vmmgate.schemas import StarterConfig
 USERNAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 #: id picks the guest subnet 192.168.(200+id).0/24, so 200+id must stay <= 254.
 MAX_ID = 54
-MAX_PASSWORD_CHARS = 256
+#: The guest's SSH server (dropbear, DROPBEAR_MAX_PASSWORD_LEN) refuses longer
+#: passwords: a longer one could be set but never used to log in.
+MAX_PASSWORD_BYTES = 100
 
 TEMPLATE = """\
 #!/bin/sh
@@ -48,19 +50,20 @@ def validate(config: StarterConfig) -> None:
     password = config.password
     if not password:
         raise StarterConfigError("config.password must not be empty.")
-    if len(password) > MAX_PASSWORD_CHARS:
-        raise StarterConfigError(
-            f"config.password is longer than {MAX_PASSWORD_CHARS} characters."
-        )
     if any(ch in password for ch in "\0\r\n"):
         # chpasswd reads one "user:password" per line; NUL cannot be passed at all.
         raise StarterConfigError(
             "config.password must not contain NUL, CR or newline characters."
         )
     try:
-        password.encode("utf-8")
+        size = len(password.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise StarterConfigError("config.password is not valid Unicode text.") from exc
+    if size > MAX_PASSWORD_BYTES:
+        raise StarterConfigError(
+            f"config.password is {size} bytes long (UTF-8); the guest's SSH server "
+            f"accepts at most {MAX_PASSWORD_BYTES}."
+        )
 
 
 def guest_address(config: StarterConfig) -> str:

@@ -64,6 +64,8 @@ class Vm:
     pid: int
     port: int
     record: VmRecord
+    #: The /create answer's ssh_port: 127.0.0.1 port forwarded to the guest's SSH.
+    ssh_port: int | None = None
 
     @property
     def console(self) -> Path:
@@ -135,7 +137,12 @@ def vms(server: Server) -> Iterator[Callable[[dict[str, Any]], Vm]]:
         answer = response.json
         record = server.registry.find_live_by_port(answer["port"])
         assert record is not None and record.pid == answer["pid"]
-        vm = Vm(pid=answer["pid"], port=answer["port"], record=record)
+        vm = Vm(
+            pid=answer["pid"],
+            port=answer["port"],
+            record=record,
+            ssh_port=answer.get("ssh_port"),
+        )
         created.append(vm)
         return vm
 

@@ -286,11 +286,28 @@ class VmmPool:
             port = sock.getsockname()[1]
             fd = sock.fileno()
             stderr_path = console.with_name(f"{console.name}.vmm-{port}.log")
-            argv = [sys.executable, "-m", "vmmgate.vmm", *args, "--port", str(port),
-                    "--listen-fd", str(fd), "--console-log", str(console)]  # fmt: skip
+            argv = [
+                sys.executable,
+                "-m",
+                "vmmgate.vmm",
+                *args,
+                "--port",
+                str(port),
+                "--listen-fd",
+                str(fd),
+                "--console-log",
+                str(console),
+            ]
             with stderr_path.open("wb") as log:
-                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        pass_fds=(fd,), cwd=PROJECT_ROOT, env=self.env)  # fmt: skip
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    pass_fds=(fd,),
+                    cwd=PROJECT_ROOT,
+                    env=self.env,
+                )
         finally:
             # Only the VMM holds the socket now: if it dies, connections are refused.
             sock.close()
@@ -302,11 +319,14 @@ class VmmPool:
 
     def wait_ready(self, vmm: Vmm, timeout: float = READY_TIMEOUT) -> Vmm:
         """Wait for the VMM's "RPC on" line (failing fast if it exits), then ``status``."""
-        wait_for(
-            lambda: vmm.check_running() or _READY_LINE in vmm.stderr(),
-            timeout,
-            f"VMM {vmm.pid} to serve RPC (log: {vmm.stderr_path})",
-        )
+        try:
+            wait_for(
+                lambda: vmm.check_running() or _READY_LINE in vmm.stderr(),
+                timeout,
+                f"VMM {vmm.pid} to serve RPC",
+            )
+        except AssertionError as exc:
+            pytest.fail(f"{exc}; its log ends:\n{vmm.stderr_tail()}")
         vmm.status = vmm.call("status")
         assert vmm.status["pid"] == vmm.pid and vmm.status["port"] == vmm.port
         vmm.qemu_pid = vmm.status["qemu_pid"]
@@ -334,17 +354,19 @@ class VmmPool:
 
     # Stopping --------------------------------------------------------------------------
 
-    def stop(self, vmm: Vmm) -> list[str]:
-        """Stop ``vmm`` (shutdown RPC, SIGTERM, SIGKILL); return problems found."""
-        problems = []
+    def stop(self, vmm: Vmm) -> None:
+        """Stop ``vmm``: ``shutdown`` RPC, then SIGTERM, then SIGKILL, by pid.
+
+        Raise AssertionError if its QEMU outlives it (after killing that QEMU).
+        """
         if vmm.proc.poll() is None:
             try:
                 vmm.call("shutdown", timeout=5)
             except Exception as exc:  # noqa: BLE001 - fall back to signals
-                problems.append(f"shutdown RPC failed: {exc!r}")
+                print(f"VMM {vmm.pid}: shutdown RPC failed: {exc!r}")
             for signum, wait in ((None, 10), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
                 if signum is not None:
-                    problems.append(f"VMM {vmm.pid} needed signal {signum}")
+                    print(f"VMM {vmm.pid}: sending signal {signum}")
                     _signal(vmm.pid, signum)
                 try:
                     vmm.proc.wait(wait)
@@ -353,29 +375,30 @@ class VmmPool:
                     continue
         else:
             vmm.proc.wait()
-        if vmm.qemu_pid is not None:
-            deadline = time.monotonic() + 5
-            while vmm.qemu_alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if vmm.qemu_alive():
-                problems.append(f"QEMU {vmm.qemu_pid} outlived VMM {vmm.pid}")
-                _signal(vmm.qemu_pid, signal.SIGKILL)
-        return problems
+        if vmm.qemu_pid is None:
+            return
+        deadline = time.monotonic() + 5
+        while vmm.qemu_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if vmm.qemu_alive():
+            _signal(vmm.qemu_pid, signal.SIGKILL)
+            raise AssertionError(f"QEMU {vmm.qemu_pid} outlived its VMM {vmm.pid}")
 
     def stop_all(self) -> None:
-        """Stop every VMM; fail if any left something behind."""
-        problems = []
+        """Stop every VMM; fail if a QEMU was left behind."""
+        errors = []
         for vmm in reversed(self.started):
-            problems += self.stop(vmm)
+            try:
+                self.stop(vmm)
+            except AssertionError as exc:
+                errors.append(str(exc))
         self.started.clear()
         leftovers = qemus_mentioning(str(self.workdir))
         for pid in leftovers:
             _signal(pid, signal.SIGKILL)
         if leftovers:
-            problems.append(f"QEMUs {leftovers} left running for {self.workdir}")
-        # A VMM that needed a signal is a finding, but only a leftover QEMU fails teardown.
-        bad = [p for p in problems if "QEMU" in p]
-        assert not bad, "; ".join(problems)
+            errors.append(f"QEMUs {leftovers} left running for {self.workdir}")
+        assert not errors, "; ".join(errors)
 
 
 @pytest.fixture(scope="session")
@@ -416,8 +439,12 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
             pytest.skip("mounting a tmpfs needs root")
         path = tmp_path / name
         path.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "none", str(path)],
-                              capture_output=True, text=True, check=False)  # fmt: skip
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "none", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
         mounted.append(path)

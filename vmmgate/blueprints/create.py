@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from vmmgate import metrics
 from vmmgate.blueprints import read_body, service
 from vmmgate.schemas import CREATE_REQUEST, CREATE_RESPONSE
 
@@ -13,5 +14,7 @@ bp = Blueprint("create", __name__)
 @bp.post("/create")
 def create() -> Response:
     """Start a VM and answer its VMM's pid and RPC port once the VMM is ready."""
-    result = service().create(read_body(CREATE_REQUEST))
+    body = read_body(CREATE_REQUEST)
+    with metrics.observe("restore" if body.resume else "boot"):
+        result = service().create(body)
     return jsonify(CREATE_RESPONSE.dump(result))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
+from vmmgate import metrics
 from vmmgate.blueprints import read_body, service
 from vmmgate.schemas import SNAPSHOT_REQUEST
 
@@ -13,4 +14,7 @@ bp = Blueprint("snapshot", __name__)
 @bp.post("/snapshot")
 def snapshot() -> Response:
     """Take the snapshot; answer the original's JSON string on success."""
-    return jsonify(service().snapshot(read_body(SNAPSHOT_REQUEST)))
+    body = read_body(SNAPSHOT_REQUEST)
+    with metrics.observe("snapshot"):
+        result = service().snapshot(body)
+    return jsonify(result)

@@ -85,8 +85,13 @@ def user_netdev(net: NetSpec) -> str:
     guest's own subnet, the host side takes its first free address (``.1`` for
     ``192.168.210.2/24``, as a host tap device would), and port 22 of the guest's
     static address is forwarded: a guest set up for a tap device works unchanged.
+
+    ``restrict=on``: the guest cannot open connections to the host or beyond (the
+    forwarded port still works). Otherwise QEMU's host address leads to the host's
+    127.0.0.1, where every VMM's RPC port (which can write files) and maybe the
+    HTTP API listen: any guest user could reach them.
     """
-    option = "user,id=net0"
+    option = "user,id=net0,restrict=on"
     target = ""
     if net.guest_ip:
         iface = ipaddress.IPv4Interface(net.guest_ip)
@@ -235,7 +240,8 @@ class QemuMachine:
         try:
             return self._qmp.cmd(command, **args)
         except ExecuteError as exc:
-            raise QemuError(f"QEMU refused {command}: {exc.error.desc}") from exc
+            # str(ExecuteError) is QEMU's own description of the refusal.
+            raise QemuError(f"QEMU refused {command}: {exc}") from exc
         except (QMPError, OSError, EOFError, TimeoutError) as exc:
             raise QemuError(f"lost QEMU's monitor during {command}: {exc!r}") from exc
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmmgate.vmm import ramcopy
-from vmmgate.vmm.atomic import AtomicFile, fsync_dir
+from vmmgate.vmm.atomic import AtomicFile, Undo, fsync_dir
 from vmmgate.vmm.errors import InvalidRequest, SnapshotFileError, SnapshotIOError
 from vmmgate.vmm.machine import QemuMachine, wait_for
 from vmmgate.vmm.snapfile import (
@@ -192,16 +192,24 @@ def write_snapshot(
             os.fsync(cpu_file.fd)
             phases["fsync"] = time.perf_counter() - started - sum(phases.values())
             replaced = [_hold(memory_path), _hold(cpu_path)]
+            # Until both renames are done the previous memory file keeps a second
+            # name: a kill between them (new RAM beside the old CPU file) is undone
+            # by whoever cleans up after this process (vmmgate.vmm.recovery).
+            undo = Undo(memory_path)
             try:
                 # Memory first: a crash between the renames leaves a pair that is refused
                 # as mismatched, never a CPU file that points at the wrong RAM silently.
                 mem_file.commit(sync_dir=False)
                 cpu_file.commit(sync_dir=False)
+            except BaseException:
+                undo.roll_back()
+                raise
             finally:
                 for fd in replaced:
                     if fd is not None:
                         os.close(fd)
             _fsync_dirs(cpu_path, memory_path)
+            undo.discard()
             phases["rename"] = time.perf_counter() - started - sum(phases.values())
     except OSError as exc:
         if isinstance(exc, SnapshotIOError):

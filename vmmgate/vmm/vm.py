@@ -65,9 +65,7 @@ def check_tap(name: str) -> None:
         )
 
 
-def network_for(
-    tap: str | None, net_mode: str, guest_ip: str | None = None
-) -> NetSpec:
+def network_for(tap: str | None, net_mode: str, guest_ip: str | None = None) -> NetSpec:
     """Return the network card for a new VM (``guest_ip``: its static address, if known)."""
     if tap:
         check_tap(tap)
@@ -170,6 +168,8 @@ class VirtualMachine:
         """
         snap.check_targets(cpu_path, memory_path, snap.size_estimate(self.machine))
         was_running = self.state is VmState.RUNNING
+        if not was_running:
+            self._leave_postmigrate()
         if was_running:
             self.machine.qmp("stop")
             self.state = VmState.PAUSED
@@ -194,6 +194,19 @@ class VirtualMachine:
             result.ram_bytes_written >> 20,
         )
         return result
+
+    def _leave_postmigrate(self) -> None:
+        """Make a VM that an earlier snapshot left paused migratable again.
+
+        After a migration QEMU keeps the VM in the ``postmigrate`` run state and
+        refuses to migrate it again ("Can't migrate the vm that was paused due to
+        previous migration"); ``cont`` then ``stop`` makes it plainly paused (the
+        guest runs only for the instant between the two commands).
+        """
+        status = self.machine.qmp("query-status")
+        if isinstance(status, dict) and status.get("status") == "postmigrate":
+            self.machine.qmp("cont")
+            self.machine.qmp("stop")
 
     def _describe(self) -> dict:
         """Header fields this VM contributes to a CPU file."""

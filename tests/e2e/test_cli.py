@@ -1,0 +1,143 @@
+"""The `vmmgate` command line against a live server: boot, snapshot, restore, stop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, KERNEL, UP_LINE
+from tests.server import Server, wait_for
+from vmmgate.state import PROJECT_ROOT
+
+
+def vmmgate(
+    server: Server, *args: str, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m vmmgate.cli --url <server> ARGS`` from the repository root."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vmmgate.cli",
+            "--url",
+            f"http://127.0.0.1:{server.port}",
+            *args,
+        ],
+        cwd=PROJECT_ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def as_json(server: Server, *args: str) -> Any:
+    """Run a command with --json and parse its output."""
+    return json.loads(vmmgate(server, "--json", *args).stdout)
+
+
+def test_cli_boot_snapshot_restore_stop(server: Server, snapshots: Path) -> None:
+    """The CLI drives the whole flow; errors print the server's description, exit 1."""
+    booted = as_json(server, "boot", KERNEL)
+    vm_id = booted["id"]
+    restored_id = None
+    try:
+        assert {"pid", "port", "id"} <= set(booted)
+        wait_for(
+            lambda: UP_LINE in vmmgate(server, "console", vm_id).stdout,
+            BOOT_TIMEOUT,
+            "the guest's boot line through `vmmgate console`",
+        )
+        wait_for(
+            lambda: COUNTER.search(
+                vmmgate(server, "console", vm_id, "--tail", "2").stdout
+            ),
+            BOOT_TIMEOUT,
+            "a counter line",
+        )
+        table = vmmgate(server, "list").stdout
+        assert table.splitlines()[0].split()[:2] == ["ID", "STATE"]
+        assert any(
+            line.split()[:2] == [vm_id, "running"] for line in table.splitlines()
+        )
+
+        cpu, memory = snapshots / "cpu.snap", snapshots / "mem.snap"
+        taken = vmmgate(server, "snapshot", vm_id, str(cpu), str(memory), "--pause")
+        assert (
+            "Snapshot taken successfully" in taken.stdout and "paused" in taken.stdout
+        )
+        assert as_json(server, "show", vm_id)["state"] == "paused"
+        assert as_json(server, "resume", vm_id)["state"] == "running"
+        refused = vmmgate(server, "resume", vm_id, check=False)
+        assert refused.returncode == 1 and "409 Conflict" in refused.stderr
+
+        restored = as_json(server, "restore", str(cpu), str(memory))
+        restored_id = restored["id"]
+        shown = as_json(server, "show", restored_id)
+        assert shown["kind"] == "restore" and shown["cpu_snapshot_path"] == str(cpu)
+        assert as_json(server, "pause", restored_id)["state"] == "paused"
+        followed = vmmgate(
+            server, "console", vm_id, "--follow", "--tail", "0", "--timeout", "2"
+        )
+        assert COUNTER.search(followed.stdout)
+
+        stopped = vmmgate(server, "stop", restored_id).stdout
+        assert restored_id in stopped and "exit status 0" in stopped
+        restored_id = None
+        assert as_json(server, "stop", vm_id, "--timeout", "5")["exit_status"] == 0
+        gone = vmmgate(server, "show", vm_id, check=False)
+        assert gone.returncode == 1 and "404 Not Found" in gone.stderr
+        ids = [vm["id"] for vm in as_json(server, "list")["vms"]]
+        assert vm_id not in ids
+    finally:
+        for leftover in (vm_id, restored_id):
+            if leftover:
+                vmmgate(server, "stop", leftover, check=False)
+
+
+def test_cli_reports_an_unreachable_server() -> None:
+    """No server: a one-line error and exit status 1, no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "vmmgate.cli", "--url", "http://127.0.0.1:9", "list"],
+        cwd=PROJECT_ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot reach the vmmgate server" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_console_script_is_installed() -> None:
+    """`make setup` installs the package: `vmmgate` is on the venv's PATH."""
+    script = shutil.which("vmmgate", path=str(Path(sys.executable).parent))
+    if script is None:
+        pytest.skip(
+            "the package is not installed in this environment (pip install -e .)"
+        )
+    result = subprocess.run(
+        [script, "--help"], check=False, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0
+    for command in (
+        "list",
+        "boot",
+        "snapshot",
+        "restore",
+        "pause",
+        "resume",
+        "stop",
+        "console",
+    ):
+        assert command in result.stdout

@@ -1,0 +1,258 @@
+"""The optional bearer token (vmmgate.auth) through the Flask test client, fake VMM."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+from flask import Flask
+
+from tests.test_http import assert_error, boot_body, snap_body
+from vmmgate import auth
+from vmmgate.config import BindAddress, load_settings
+from vmmgate.errors import ConfigError
+from vmmgate.state import PROJECT_ROOT
+
+TOKEN = "s3cr3t-Token_with.all~the+b64/chars=="
+
+
+def routes(app: Flask) -> Iterator[tuple[str, str]]:
+    """Yield (method, concrete URL) for every route and method the app serves."""
+    for rule in app.url_map.iter_rules():
+        url = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", "x1", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            yield method, url
+
+
+def auth_header(token: str) -> dict[str, str]:
+    """Return the Authorization header for ``token``."""
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def locked(make_app: Callable[..., Flask]) -> Flask:
+    """An app that requires TOKEN."""
+    return make_app(VMMGATE_TOKEN=TOKEN)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        auth_header("wrong-token-but-long-enough"),
+        auth_header(TOKEN[:-1]),
+        auth_header(TOKEN + "x"),
+        {"Authorization": TOKEN},  # no scheme
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer "},
+        {"Authorization": f"Bearer {TOKEN.upper()}"},
+        {"X-Token": TOKEN},
+    ],
+    ids=[
+        "missing",
+        "wrong",
+        "prefix",
+        "longer",
+        "no-scheme",
+        "basic",
+        "empty",
+        "case",
+        "other-header",
+    ],
+)
+def test_missing_or_wrong_token_is_401_on_every_route_but_healthz(
+    locked: Flask, headers: dict[str, str], state: Path
+) -> None:
+    """Every route and method (and unknown ones), in the original's error shape."""
+    client = locked.test_client()
+    seen = 0
+    for method, url in [*routes(locked), ("GET", "/no-such-route"), ("PUT", "/create")]:
+        response = client.open(url, method=method, headers=headers, json={})
+        if url == "/healthz":
+            assert response.status_code != 401, response.get_data(as_text=True)
+            continue
+        error = assert_error(response, 401, "bearer token")
+        assert error["reason"] == "Unauthorized"
+        challenge = response.headers["WWW-Authenticate"]
+        assert challenge.startswith('Bearer realm="vmmgate"')
+        if "Bearer" in headers.get("Authorization", "") and headers[
+            "Authorization"
+        ].strip() not in ("Bearer",):
+            assert 'error="invalid_token"' in challenge
+        seen += 1
+    assert seen >= 3  # /create, /snapshot, and the unknown route at least
+    assert not (state / "vms").exists() or not any((state / "vms").iterdir())
+
+
+def test_right_token_works(locked: Flask, kernel: Path) -> None:
+    """With the token, /create and /snapshot behave as without one."""
+    client = locked.test_client()
+    created = client.post(
+        "/create", json=boot_body("vmlinuz"), headers=auth_header(TOKEN)
+    )
+    assert created.status_code == 200, created.get_data(as_text=True)
+    port = created.get_json()["port"]
+    snapped = client.post("/snapshot", json=snap_body(port), headers=auth_header(TOKEN))
+    assert snapped.status_code == 200, snapped.get_data(as_text=True)
+    assert snapped.get_json() == "Snapshot taken successfully"
+    # Errors other than 401 come through unchanged.
+    missing = client.post(
+        "/snapshot", json=snap_body(port + 1), headers=auth_header(TOKEN)
+    )
+    assert_error(missing, 404)
+    lower = client.post(
+        "/snapshot", json=snap_body(port), headers={"Authorization": f"bearer {TOKEN}"}
+    )
+    assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
+
+
+def test_no_token_configured_needs_none(client: Any, kernel: Path) -> None:
+    """The drop-in default: the existing backend sends no credentials."""
+    response = client.post("/create", json=boot_body("vmlinuz"))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "WWW-Authenticate" not in response.headers
+
+
+def test_token_from_a_file(
+    make_app: Callable[..., Flask], work: Path, kernel: Path
+) -> None:
+    """VMMGATE_TOKEN_FILE (relative to the working directory), trailing newline ignored."""
+    (work / "token").write_text(TOKEN + "\n")
+    client = make_app(VMMGATE_TOKEN_FILE="token").test_client()
+    assert_error(client.post("/create", json=boot_body("vmlinuz")), 401)
+    ok = client.post("/create", json=boot_body("vmlinuz"), headers=auth_header(TOKEN))
+    assert ok.status_code == 200, ok.get_data(as_text=True)
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"VMMGATE_TOKEN": TOKEN, "VMMGATE_TOKEN_FILE": "token"}, "not both"),
+        ({"VMMGATE_TOKEN": "short"}, "16 to 4096"),
+        ({"VMMGATE_TOKEN": "has space in it, sixteen+"}, "letters, digits"),
+        ({"VMMGATE_TOKEN": "x" * 4097}, "16 to 4096"),
+        ({"VMMGATE_TOKEN_FILE": "missing-file"}, "Cannot read the token file"),
+        ({"VMMGATE_TOKEN_FILE": "empty"}, "is empty"),
+    ],
+    ids=["both", "short", "space", "long", "missing-file", "empty-file"],
+)
+def test_bad_token_settings_stop_the_server(
+    settings: dict[str, str], needle: str, work: Path
+) -> None:
+    """A token that cannot work is refused at start with a message naming it."""
+    (work / "empty").write_text("\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_settings(settings, cwd=work)
+
+
+def test_empty_token_variable_means_no_token(work: Path) -> None:
+    """VMMGATE_TOKEN= (empty) leaves the token off, like an unset variable."""
+    assert load_settings({"VMMGATE_TOKEN": ""}, cwd=work).token is None
+    assert TOKEN not in repr(load_settings({"VMMGATE_TOKEN": TOKEN}, cwd=work))
+
+
+def test_comparison_is_constant_time_over_digests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The token is compared with hmac.compare_digest, over equal-length digests."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = auth.hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    auth.check_authorization(f"Bearer {TOKEN}", TOKEN)
+    with pytest.raises(auth.Unauthorized):
+        auth.check_authorization("Bearer x", TOKEN)
+    assert len(calls) == 2 and all(len(a) == len(b) == 32 for a, b in calls)
+
+
+@pytest.mark.parametrize(
+    ("address", "token", "loud"),
+    [
+        ("0.0.0.0", False, True),
+        ("::", False, True),
+        ("192.0.2.7", False, True),
+        ("0.0.0.0", True, False),
+        ("127.0.0.1", False, False),
+        ("::1", False, False),
+    ],
+)
+def test_exposure_warning(address: str, token: bool, loud: bool) -> None:
+    """Loud only when listening beyond loopback without a token."""
+    warning = auth.exposure_warning(BindAddress(address, 8010), token)
+    assert (warning is not None) == loud
+    if warning:
+        assert "WITHOUT a token" in warning and "VMMGATE_TOKEN" in warning
+
+
+def _gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> ModuleType:
+    """Load gunicorn.conf.py as gunicorn would, with ``env``, without its prctl."""
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    spec = importlib.util.spec_from_file_location(
+        "vmmgate_gunicorn_conf", PROJECT_ROOT / "gunicorn.conf.py"
+    )
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    class NoPrctl:
+        """Stand-in for ctypes: the test process must not become a subreaper."""
+
+        @staticmethod
+        def CDLL(*_args: Any, **_kwargs: Any) -> Any:
+            return type("Libc", (), {"prctl": staticmethod(lambda *a: 0)})()
+
+    monkeypatch.setattr(module, "ctypes", NoPrctl)
+    # Other start-up duties (metrics, reaping adopted VMMs) are tested elsewhere.
+    if hasattr(module, "master"):
+        monkeypatch.setattr(module, "master", SimpleNamespace(on_starting=print))
+    return module
+
+
+@pytest.mark.parametrize(
+    ("env", "loud"),
+    [
+        ({"ROCKET_ADDRESS": "0.0.0.0"}, True),
+        ({"ROCKET_ADDRESS": "0.0.0.0", "VMMGATE_TOKEN": TOKEN}, False),
+        ({"ROCKET_ADDRESS": "127.0.0.1"}, False),
+    ],
+    ids=["exposed", "exposed-with-token", "loopback"],
+)
+def test_gunicorn_warns_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    env: dict[str, str],
+    loud: bool,
+    state: Path,
+) -> None:
+    """gunicorn's on_starting hook logs the warning (nothing is bound here)."""
+    monkeypatch.delenv("VMMGATE_TOKEN", raising=False)
+    monkeypatch.delenv("VMMGATE_TOKEN_FILE", raising=False)
+    module = _gunicorn_conf(
+        monkeypatch, ROCKET_PORT="8010", VMMGATE_STATE_DIR=str(state), **env
+    )
+    logger = logging.getLogger("test.gunicorn")
+    server = type("Arbiter", (), {"log": logger})()
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        with caplog.at_level(logging.INFO, logger="test.gunicorn"):
+            module.on_starting(server)
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert bool(warnings) == loud, caplog.text
+    if loud:
+        assert "0.0.0.0:8010 WITHOUT a token" in warnings[0].getMessage()

@@ -1,0 +1,177 @@
+"""Fuzzing both original routes with Hypothesis: no 5xx, no traceback, always the error shape.
+
+Through the Flask test client with the fake VMM. The bodies are built to fail
+validation or to name files that do not exist, so nothing boots: one VM (the
+fake) is booted up front so /snapshot bodies can also reach a live VM's port
+and exercise the path checks and the snapshot call behind them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.test_http import boot_body
+
+FUZZ = settings(
+    max_examples=200,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+HOSTILE = [
+    "../",
+    "../../../../etc/passwd",
+    "/etc/shadow",
+    "/proc/self/mem",
+    "/dev/zero",
+    "\x00",
+    "\n",
+    "\r",
+    "\x7f",
+    ";",
+    "$(touch /tmp/vmmgate-fuzz-pwned)",
+    "`id`",
+    " ",
+    "-",
+    "--kernel",
+    ",",
+    "path=",
+    ",starter_file=/etc/passwd",
+    "\\",
+    "*",
+    "~",
+    "%00",
+    "\ud800",
+    "é",
+    "x" * 300,
+    "/" * 5000,
+    ".",
+    "..",
+    "",
+]
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+paths = st.lists(st.sampled_from(HOSTILE) | st.text(max_size=20), max_size=5).map(
+    "".join
+)
+field_values = paths | json_values
+
+
+def body_for(fields: dict[str, Any]) -> Any:
+    """Return a strategy of bodies: the route's fields with fuzzed values, some missing."""
+    return st.fixed_dictionaries(
+        {},
+        optional={name: strategy for name, strategy in fields.items()},
+    ).flatmap(
+        lambda body: st.dictionaries(st.text(max_size=8), json_values, max_size=3).map(
+            lambda extra: {**extra, **body}
+        )
+    )
+
+
+create_bodies = body_for(
+    {
+        "cpu_snapshot_path": field_values,
+        "memory_snapshot_path": field_values,
+        "kernel_path": field_values,
+        "resume": st.booleans() | json_values,
+        "tap_device": st.none() | st.text(max_size=20) | json_values,
+        "config": st.none()
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "username": st.text(max_size=40) | json_values,
+                "password": st.text(max_size=40) | json_values,
+                "id": st.integers() | json_values,
+            },
+        )
+        | json_values,
+    }
+)
+
+
+def check(response: Any) -> None:
+    """No 5xx, no traceback, JSON, and the original's error shape for every error."""
+    text = response.get_data(as_text=True)
+    assert response.status_code < 500, text
+    assert "Traceback" not in text and 'File "' not in text
+    assert response.mimetype == "application/json", text
+    if response.status_code >= 400:
+        error = json.loads(text)["error"]
+        assert list(error) == ["code", "reason", "description"]
+        assert error["code"] == response.status_code
+
+
+@pytest.fixture
+def fuzz_client(make_app: Any, work: Path) -> FlaskClient:
+    """An app whose snapshot root is only the (scratch) working directory."""
+    app: Flask = make_app(VMMGATE_SNAPSHOT_ROOTS=str(work))
+    return app.test_client()
+
+
+@FUZZ
+@given(body=create_bodies)
+def test_create_fuzz(fuzz_client: FlaskClient, body: dict[str, Any]) -> None:
+    """/create with fuzzed field values, types and missing fields."""
+    check(fuzz_client.post("/create", json=body))
+
+
+@FUZZ
+@given(raw=st.binary(max_size=200) | json_values.map(json.dumps).map(str.encode))
+def test_raw_bodies_fuzz(fuzz_client: FlaskClient, raw: bytes) -> None:
+    """Both routes with arbitrary bytes and arbitrary JSON documents as the body."""
+    for route in ("/create", "/snapshot"):
+        check(
+            fuzz_client.post(
+                route, data=raw, headers={"Content-Type": "application/json"}
+            )
+        )
+
+
+@FUZZ
+@given(data=st.data())
+def test_snapshot_fuzz(
+    fuzz_client: FlaskClient, kernel: Path, data: st.DataObject
+) -> None:
+    """/snapshot with fuzzed paths, ports (often a live VM's) and types."""
+    live = getattr(fuzz_client, "live_port", None)
+    if live is None:
+        response = fuzz_client.post("/create", json=boot_body("vmlinuz"))
+        assert response.status_code == 200, response.get_data(as_text=True)
+        live = response.get_json()["port"]
+        fuzz_client.live_port = live  # type: ignore[attr-defined]
+    ports = st.sampled_from([live, live + 1, 0, 22, 65535, 65536]) | st.integers()
+    body = data.draw(
+        body_for(
+            {
+                "cpu_snapshot_path": field_values,
+                "memory_snapshot_path": field_values,
+                "rpc_port": ports | json_values,
+                "resume": st.booleans() | json_values,
+            }
+        )
+    )
+    check(fuzz_client.post("/snapshot", json=body))

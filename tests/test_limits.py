@@ -1,0 +1,323 @@
+"""Limits (vmmgate.limits) through the Flask test client with the fake VMM.
+
+Two apps on one state directory stand for two gunicorn workers: they share
+nothing but the registry file, as workers do (tests/e2e/test_limits_e2e.py runs
+the same checks through a real gunicorn and real VMs).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from flask import Flask
+
+from tests.snapfiles import make_pair
+from tests.test_http import assert_error, boot_body, snap_body, vm_dirs
+from vmmgate import rpc
+from vmmgate.config import load_settings
+from vmmgate.errors import ConfigError
+from vmmgate.registry import (
+    LIVE_STATES,
+    VmKind,
+    VmRecord,
+    VmState,
+    proc_start_time,
+)
+from vmmgate.service import get_service
+
+
+def live(app: Flask) -> list[VmRecord]:
+    """Return the live VMs in the app's registry."""
+    return [r for r in get_service(app).registry.list() if r.state in LIVE_STATES]
+
+
+def dead_pid() -> tuple[int, int]:
+    """Return the pid and start time of a process that has exited (and was reaped)."""
+    child = subprocess.Popen(["sleep", "30"])
+    start = proc_start_time(child.pid)
+    assert start is not None
+    child.kill()
+    child.wait()
+    return child.pid, start
+
+
+def wait_exited(app: Flask, port: int) -> None:
+    """Wait until the registry has recorded the end of the VM on ``port``."""
+    registry = get_service(app).registry
+    deadline = time.monotonic() + 10
+    while registry.find_live_by_port(port) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+# --- VMs and memory ------------------------------------------------------------------
+
+
+def test_max_vms_refused_with_429_and_nothing_half_created(
+    make_app: Callable[..., Flask], kernel: Path, state: Path
+) -> None:
+    """Over VMMGATE_MAX_VMS: 429 naming the limit; no row, no run directory, no process."""
+    app = make_app(VMMGATE_MAX_VMS=2)
+    client = app.test_client()
+    first = client.post("/create", json=boot_body("vmlinuz")).get_json()
+    client.post("/create", json=boot_body("vmlinuz"))
+    rows, dirs = len(get_service(app).registry.list()), vm_dirs(state)
+    error = assert_error(
+        client.post("/create", json=boot_body("vmlinuz")), 429, "VMMGATE_MAX_VMS=2"
+    )
+    assert error["reason"] == "Too Many Requests"
+    assert len(get_service(app).registry.list()) == rows
+    assert vm_dirs(state) == dirs and len(live(app)) == 2
+    # A VM that ends frees its place.
+    os.kill(first["pid"], signal.SIGKILL)
+    wait_exited(app, first["port"])
+    again = client.post("/create", json=boot_body("vmlinuz"))
+    assert again.status_code == 200, again.get_data(as_text=True)
+
+
+def test_vms_whose_end_nobody_recorded_do_not_count(
+    make_app: Callable[..., Flask], kernel: Path, state: Path
+) -> None:
+    """A live row whose VMM is gone (its worker died with it) is not held against the limit."""
+    app = make_app(VMMGATE_MAX_VMS=1)
+    pid, start = dead_pid()
+    get_service(app).registry.insert(
+        VmRecord(
+            id="ghost",
+            kind=VmKind.BOOT,
+            state=VmState.RUNNING,
+            port=1,
+            pid=pid,
+            pid_start_time=start,
+            launcher_pid=pid,
+            kernel_path=None,
+            cpu_snapshot_path=None,
+            memory_snapshot_path=None,
+            memory_mib=256,
+            vcpus=1,
+            tap_device=None,
+            vm_dir=str(state / "vms" / "ghost"),
+            created_at=time.time() - 60,
+            exited_at=None,
+            exit_status=None,
+        )
+    )
+    response = app.test_client().post("/create", json=boot_body("vmlinuz"))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert get_service(app).registry.get("ghost").state is VmState.EXITED  # type: ignore[union-attr]
+
+
+def test_total_memory_refused_with_429(
+    make_app: Callable[..., Flask], kernel: Path, work: Path, state: Path
+) -> None:
+    """Boots count VMMGATE_DEFAULT_MEMORY_MIB, restores the size in the CPU file."""
+    app = make_app(VMMGATE_MAX_TOTAL_MEMORY_MIB=600)
+    client = app.test_client()
+    assert client.post("/create", json=boot_body("vmlinuz")).status_code == 200
+    assert client.post("/create", json=boot_body("vmlinuz")).status_code == 200
+    dirs = vm_dirs(state)
+    assert_error(
+        client.post("/create", json=boot_body("vmlinuz")),
+        429,
+        "needs 256 MiB",
+        "512 MiB of the 600 MiB",
+        "VMMGATE_MAX_TOTAL_MEMORY_MIB",
+    )
+    assert vm_dirs(state) == dirs and len(live(app)) == 2
+    # A restore is counted at the snapshot's own size, from its CPU file.
+    make_pair(work / "big.cpu", work / "big.mem", memory_mib=128)
+    make_pair(work / "small.cpu", work / "small.mem", memory_mib=64)
+    restore = {"kernel_path": "-", "resume": True}
+    assert_error(
+        client.post(
+            "/create",
+            json={
+                **restore,
+                "cpu_snapshot_path": "big.cpu",
+                "memory_snapshot_path": "big.mem",
+            },
+        ),
+        429,
+        "needs 128 MiB",
+    )
+    ok = client.post(
+        "/create",
+        json={
+            **restore,
+            "cpu_snapshot_path": "small.cpu",
+            "memory_snapshot_path": "small.mem",
+        },
+    )
+    assert ok.status_code == 200, ok.get_data(as_text=True)  # 512 + 64 <= 600
+
+
+def test_limits_hold_across_workers(
+    make_app: Callable[..., Flask], kernel: Path, state: Path
+) -> None:
+    """Ten concurrent creates on two apps sharing the registry: exactly the limit succeed."""
+    apps = [make_app(VMMGATE_MAX_VMS=3), make_app(VMMGATE_MAX_VMS=3)]
+    statuses: list[int] = []
+
+    def create(app: Flask) -> None:
+        statuses.append(
+            app.test_client().post("/create", json=boot_body("vmlinuz")).status_code
+        )
+
+    threads = [threading.Thread(target=create, args=(apps[i % 2],)) for i in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses) == [200] * 3 + [429] * 7
+    assert len(live(apps[0])) == 3 and len(vm_dirs(state)) == 3
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("VMMGATE_MAX_VMS", 0),
+        ("VMMGATE_MAX_VMS", "many"),
+        ("VMMGATE_MAX_TOTAL_MEMORY_MIB", 1),
+        ("VMMGATE_MAX_CONCURRENT_SNAPSHOTS", 0),
+        ("VMMGATE_SNAPSHOT_MIN_FREE_MIB", -1),
+    ],
+)
+def test_bad_limit_settings_stop_the_server(key: str, value: object) -> None:
+    """An unusable limit is refused at start, naming the setting."""
+    with pytest.raises(ConfigError, match=key):
+        load_settings({key: value})
+
+
+def test_limit_settings_from_the_environment(work: Path) -> None:
+    """Strings from the environment are read as numbers."""
+    limits = load_settings(
+        {
+            "VMMGATE_MAX_VMS": "5",
+            "VMMGATE_MAX_TOTAL_MEMORY_MIB": "2048",
+            "VMMGATE_MAX_CONCURRENT_SNAPSHOTS": "3",
+            "VMMGATE_SNAPSHOT_MIN_FREE_MIB": "0",
+        },
+        cwd=work,
+    ).limits
+    assert (
+        limits.max_vms,
+        limits.max_total_memory_mib,
+        limits.max_concurrent_snapshots,
+        limits.snapshot_min_free_mib,
+    ) == (5, 2048, 3, 0)
+
+
+# --- snapshots -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_workers(
+    make_app: Callable[..., Flask], kernel: Path
+) -> tuple[Flask, Flask, int]:
+    """Two apps on one registry, and a VM booted through the first (its port)."""
+    first = make_app(VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2)
+    second = make_app(VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2)
+    port = first.test_client().post("/create", json=boot_body("vmlinuz")).get_json()
+    return first, second, port["port"]
+
+
+def test_one_snapshot_per_vm_at_a_time(
+    two_workers: tuple[Flask, Flask, int], work: Path
+) -> None:
+    """A snapshot of a VM another worker is snapshotting: 409, nothing written or paused."""
+    first, second, port = two_workers
+    vm_id = get_service(first).registry.find_live_by_port(port).id  # type: ignore[union-attr]
+    slots = get_service(second).guard.slots
+    token = slots.acquire(vm_id)
+    try:
+        assert_error(
+            first.test_client().post("/snapshot", json=snap_body(port, resume=False)),
+            409,
+            "already in progress",
+        )
+        assert not (work / "cpu.snap").exists()
+        assert rpc.VmmClient(port).status()["state"] == "running"
+    finally:
+        slots.release(token)
+    ok = first.test_client().post("/snapshot", json=snap_body(port))
+    assert ok.status_code == 200, ok.get_data(as_text=True)
+    assert slots.in_progress() == []
+
+
+def test_concurrent_snapshots_in_total(
+    two_workers: tuple[Flask, Flask, int],
+) -> None:
+    """Over VMMGATE_MAX_CONCURRENT_SNAPSHOTS: 429 naming it; a freed slot lets it through."""
+    first, second, port = two_workers
+    slots = get_service(second).guard.slots
+    tokens = [slots.acquire("other-vm-1"), slots.acquire("other-vm-2")]
+    try:
+        assert_error(
+            first.test_client().post("/snapshot", json=snap_body(port)),
+            429,
+            "VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2",
+        )
+    finally:
+        slots.release(tokens.pop())
+    assert (
+        first.test_client().post("/snapshot", json=snap_body(port)).status_code == 200
+    )
+    slots.release(tokens.pop())
+
+
+def test_slot_of_a_dead_worker_is_taken_back(
+    two_workers: tuple[Flask, Flask, int],
+) -> None:
+    """A slot whose worker died (pid and start time gone) does not block the VM forever."""
+    first, _, port = two_workers
+    service = get_service(first)
+    vm_id = service.registry.find_live_by_port(port).id  # type: ignore[union-attr]
+    pid, start = dead_pid()
+    with service.registry.transaction() as db:
+        db.execute(
+            "INSERT INTO snapshots VALUES (?, 'stale', ?, ?, ?)",
+            (vm_id, pid, start, time.time()),
+        )
+    assert (
+        first.test_client().post("/snapshot", json=snap_body(port)).status_code == 200
+    )
+    assert service.guard.slots.in_progress() == []
+
+
+def test_slot_is_released_when_the_vmm_fails(
+    make_app: Callable[..., Flask], kernel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error answer from the VMM frees the slot (the next call gets the VMM's answer)."""
+    monkeypatch.setenv("FAKE_VMM_MODE", "error:io: [Errno 28] No space left on device")
+    app = make_app()
+    client = app.test_client()
+    port = client.post("/create", json=boot_body("vmlinuz")).get_json()["port"]
+    for _ in range(2):
+        assert_error(client.post("/snapshot", json=snap_body(port)), 507, "No space")
+    assert get_service(app).guard.slots.in_progress() == []
+
+
+def test_too_little_free_disk_is_507_before_the_vm_is_paused(
+    make_app: Callable[..., Flask], kernel: Path, work: Path
+) -> None:
+    """The server's own free-disk check: 507 naming the setting; the VMM is not called."""
+    app = make_app(VMMGATE_SNAPSHOT_MIN_FREE_MIB=1 << 40)
+    client = app.test_client()
+    port = client.post("/create", json=boot_body("vmlinuz")).get_json()["port"]
+    error = assert_error(
+        client.post("/snapshot", json=snap_body(port, resume=False)),
+        507,
+        "Not enough free space",
+        "VMMGATE_SNAPSHOT_MIN_FREE_MIB",
+        "not paused",
+    )
+    assert error["reason"] == "Insufficient Storage"
+    assert rpc.VmmClient(port).status()["state"] == "running"
+    assert not (work / "cpu.snap").exists() and not (work / "mem.snap").exists()
+    assert get_service(app).guard.slots.in_progress() == []
