@@ -159,6 +159,15 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
                                   tap=args.tap, accel=args.accel)  # fmt: skip
 
 
+def _since_start() -> float:
+    """Seconds since this process started (from /proc, so imports count too)."""
+    with open("/proc/self/stat") as stat:
+        start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as uptime:
+        now = float(uptime.read().split()[0])
+    return now - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the VMM; return its exit status."""
     args = parse_args(argv)
@@ -190,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     except VmmError as exc:
         log.error("cannot start the VM: %s", exc)
         return exitcodes.START_FAILED
-    log.info("VM %s (%s, %s MiB, QEMU pid %s); RPC on 127.0.0.1:%d",
-             vm.origin.kind, vm.machine.spec.accel, vm.machine.spec.memory_mib,
-             vm.machine.pid, args.port)  # fmt: skip
     importer.join()
+    log.info(
+        "VM %s (%s, %s MiB, QEMU pid %s) ready %.0f ms after the VMM started; RPC on 127.0.0.1:%d",
+        vm.origin.kind, vm.machine.spec.accel, vm.machine.spec.memory_mib, vm.machine.pid,
+        _since_start() * 1000, args.port,
+    )  # fmt: skip
     from vmmgate.vmm import runner
 
     return runner.VmmService(vm, sock, args.port).run()
