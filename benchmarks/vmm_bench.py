@@ -120,9 +120,6 @@ def bench_size(mib: int, runs: int, work: Path, kernel: Path) -> dict[str, float
         close(client)
     finally:
         stop_vmm(proc, port)
-    for line in (out / "vmm.log").read_text().splitlines():
-        if "written in" in line:
-            print(f"{mib} MiB: {line.split(': ', 1)[-1]}")
     cpu, mem = out / f"cpu{runs - 1}", out / f"mem{runs - 1}"
     data_mib = os.stat(mem).st_blocks * 512 / 2**20
     restores = []
@@ -133,6 +130,9 @@ def bench_size(mib: int, runs: int, work: Path, kernel: Path) -> dict[str, float
         )  # fmt: skip
         restores.append(seconds)
         stop_vmm(rproc, rport)
+    for line in (out / "vmm.log").read_text().splitlines():
+        if "written in" in line or "restored in" in line or "ready" in line:
+            print(f"{mib} MiB: {line.split(': ', 1)[-1]}")
     cps, cps_sync = [], []
     for i in range(runs):
         copy = out / f"cp{i}"

@@ -114,7 +114,9 @@ class VirtualMachine:
     def restore(cls, cpu_path: Path, memory_path: Path, console_log: Path,
                 tap: str | None = None, accel: str = "auto") -> VirtualMachine:  # fmt: skip
         """Restore a guest from a snapshot pair; the files are only read, never changed."""
+        marks = [("start", time.perf_counter())]
         header, cpu_fd, mem_fd = open_pair(cpu_path, memory_path)
+        marks.append(("check_pair", time.perf_counter()))
         try:
             net = _restore_network(header, tap)
             wanted = header.accel if accel == "auto" else accel
@@ -130,17 +132,25 @@ class VirtualMachine:
                 # extents are copied, in the kernel; the file is only read, so one
                 # snapshot can be restored any number of times.
                 machine.start()
+                marks.append(("spawn_qemu", time.perf_counter()))
                 ramcopy.load_into(mem_fd, machine.ram_fd, header.memory_size)
+                marks.append(("load_ram", time.perf_counter()))
                 machine.connect()
+                marks.append(("qemu_ready", time.perf_counter()))
                 snap.enable_ignore_shared(machine)
                 snap.load_device_state(machine, cpu_fd)
+                marks.append(("load_state", time.perf_counter()))
                 machine.qmp("cont")
+                marks.append(("cont", time.perf_counter()))
             except BaseException:
                 machine.close()
                 raise
         finally:
             os.close(cpu_fd)
             os.close(mem_fd)
+        log.info("restored in %.0f ms (%s)", (marks[-1][1] - marks[0][1]) * 1000,
+                 ", ".join(f"{name} {(t - marks[i][1]) * 1000:.0f}"
+                           for i, (name, t) in enumerate(marks[1:])))  # fmt: skip
         origin = Origin(kind="snapshot", cpu_path=str(cpu_path), memory_path=str(memory_path),
                         snapshot_id=header.snapshot_id)  # fmt: skip
         return cls(machine, origin)
