@@ -159,6 +159,12 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
                                   tap=args.tap, accel=args.accel)  # fmt: skip
 
 
+def _import_rpc_stack() -> None:
+    """Import the QMP client and the RPC server (run in a thread while QEMU starts)."""
+    importlib.import_module("qemu.qmp.legacy")
+    importlib.import_module("vmmgate.vmm.runner")
+
+
 def _since_start() -> float:
     """Seconds since this process started (from /proc, so imports count too)."""
     with open("/proc/self/stat") as stat:
@@ -178,13 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     # A file-size limit must surface as EFBIG, not kill us (or QEMU, which inherits this).
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    # The RPC stack (tornado) takes ~100 ms to import; do that while QEMU starts,
+    # The QMP client and the RPC stack (asyncio, tornado) take ~100 ms to import;
+    # do that while QEMU starts,
     # since a restore is mostly waiting on QEMU and the kernel. The VMM never
     # speaks TLS, so tornado need not load the system CA bundle at import.
     os.environ["SSL_CERT_FILE"] = os.devnull
-    importer = threading.Thread(
-        target=importlib.import_module, args=("vmmgate.vmm.runner",)
-    )
+    importer = threading.Thread(target=_import_rpc_stack)
     importer.start()
     try:
         sock = listening_socket(args.port, args.listen_fd)

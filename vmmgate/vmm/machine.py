@@ -19,12 +19,12 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
-
-from qemu.qmp import ExecuteError, QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
+from typing import TYPE_CHECKING, Self
 
 from vmmgate.vmm.errors import QemuError, QemuLaunchError
+
+if TYPE_CHECKING:
+    from qemu.qmp.legacy import QEMUMonitorProtocol
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,11 @@ class QemuMachine:
 
     def connect(self) -> None:
         """Connect to the started QEMU's monitor; on failure kill it and raise with evidence."""
+        # Imported here: asyncio and qemu.qmp take ~25 ms to import, which a
+        # restore spends loading RAM instead (cli.py imports them meanwhile).
+        from qemu.qmp import QMPError
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
         try:
             self._qmp = QEMUMonitorProtocol(self._qmp_sock)
             self._qmp.connect(negotiate=True)
@@ -235,6 +240,8 @@ class QemuMachine:
 
     def qmp(self, command: str, **args: object) -> object:
         """Run a QMP command; raise QemuError if QEMU refuses it or is gone."""
+        from qemu.qmp import ExecuteError, QMPError
+
         if self._qmp is None:
             raise QemuError("QEMU is not running")
         try:
