@@ -29,6 +29,7 @@ from msgpackrpc.error import TransportError
 from msgpackrpc.transport import tcp
 from tornado import ioloop
 
+from tests.server import wait_for
 from vmmgate.guest import COUNTER_PREFIX, UP_LINE, GuestImage, ensure_guest
 from vmmgate.state import PROJECT_ROOT
 
@@ -110,20 +111,6 @@ def last_counter(console: Path) -> int | None:
     """Return the last counter printed, or None."""
     values = counters(console)
     return values[-1] if values else None
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
 
 
 def sha256(path: Path) -> str:
