@@ -4,7 +4,7 @@ import ctypes
 import logging
 import sys
 
-from vmmgate import master
+from vmmgate import gunicorn_errors, master
 from vmmgate.auth import exposure_warning
 from vmmgate.config import server_settings
 
@@ -24,6 +24,10 @@ wsgi_app = "app:app"
 control_socket_disable = True
 
 _PR_SET_CHILD_SUBREAPER = 36
+
+
+# Requests gunicorn rejects itself (bad request line, headers) get JSON too.
+gunicorn_errors.install()
 
 
 def on_starting(server):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     finally:
         srv.stop_all_vms()
         srv.stop()
+
+
+def test_requests_gunicorn_rejects_get_json_errors(server: Server) -> None:
+    """A malformed request line or header never gets gunicorn's HTML page."""
+    for raw in (
+        b"NOT A REQUEST\r\n\r\n",
+        b"GET /vms HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            conn.sendall(raw)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert b"Content-Type: application/json" in head, answer
+        error = json.loads(body)["error"]
+        assert error["code"] == 400 and error["reason"] == "Bad Request", error
+        assert error["description"], error
 
 
 def _boot(server: Server) -> dict[str, int]:
