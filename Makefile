@@ -31,11 +31,14 @@ system-packages:
 	scripts/install-system-packages
 
 # Recreated when requirements.txt changes. The package itself is installed
-# editable last: that puts the `vmmgate` command in $(VENV)/bin.
+# editable last: that puts the `vmmgate` command in $(VENV)/bin. "compat" mode
+# is a plain path entry, not an import hook every Python process (each VMM)
+# would pay for at start.
 $(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . \
+		--config-settings editable_mode=compat
 	touch $@
 
 guest: $(VENV)/.installed  ## the demo kernel + initramfs in $(STATE)/guest (no-op when up to date)
