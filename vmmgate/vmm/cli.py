@@ -160,8 +160,9 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
 
 
 def _import_rpc_stack() -> None:
-    """Import the QMP client and the RPC server (run in a thread while QEMU starts)."""
+    """Import the QMP client, snapshot writer and RPC server (in a thread while QEMU starts)."""
     importlib.import_module("qemu.qmp.legacy")
+    importlib.import_module("vmmgate.vmm.snapshot")
     importlib.import_module("vmmgate.vmm.runner")
 
 

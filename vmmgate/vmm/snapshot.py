@@ -19,8 +19,9 @@ from pathlib import Path
 
 from vmmgate.vmm import ramcopy
 from vmmgate.vmm.atomic import AtomicFile, Undo, fsync_dir
-from vmmgate.vmm.errors import InvalidRequest, SnapshotFileError, SnapshotIOError
-from vmmgate.vmm.machine import QemuMachine, wait_for
+from vmmgate.vmm.errors import InvalidRequest, SnapshotIOError
+from vmmgate.vmm.machine import QemuMachine
+from vmmgate.vmm.migration import save_device_state
 from vmmgate.vmm.snapfile import (
     STREAM_OFFSET,
     CpuHeader,
@@ -28,8 +29,6 @@ from vmmgate.vmm.snapfile import (
     memory_trailer_block,
 )
 
-MIGRATION_TIMEOUT = 120.0
-_FD_NAME = "vmmgate-state"
 #: Room kept free beyond the estimated size, for the device state and metadata.
 DISK_SLACK = 32 * 1024 * 1024
 
@@ -45,51 +44,6 @@ class SnapshotResult:
     ram_bytes_written: int
     seconds: float
     phases: dict[str, float]
-
-
-def enable_ignore_shared(machine: QemuMachine) -> None:
-    """Keep the shared RAM block out of the migration stream (both directions)."""
-    machine.qmp(
-        "migrate-set-capabilities",
-        capabilities=[{"capability": "x-ignore-shared", "state": True}],
-    )
-
-
-def _migration_outcome(machine: QemuMachine) -> dict:
-    """Wait until the current migration has ended; return query-migrate's answer."""
-
-    def ended() -> dict | None:
-        info = machine.qmp("query-migrate")
-        return (
-            info if info.get("status") in ("completed", "failed", "cancelled") else None
-        )
-
-    return wait_for(ended, MIGRATION_TIMEOUT, what="QEMU's migration to finish")
-
-
-def save_device_state(machine: QemuMachine, fd: int) -> int:
-    """Have QEMU write its device state into ``fd`` from STREAM_OFFSET; return its length."""
-    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
-    machine.send_fd(fd, _FD_NAME)
-    machine.qmp("migrate", uri=f"fd:{_FD_NAME}")
-    info = _migration_outcome(machine)
-    if info["status"] != "completed":
-        reason = info.get("error-desc", info["status"])
-        raise SnapshotIOError(f"QEMU could not write the device state: {reason}")
-    return os.fstat(fd).st_size - STREAM_OFFSET
-
-
-def load_device_state(machine: QemuMachine, fd: int) -> None:
-    """Feed the device state in ``fd`` (from STREAM_OFFSET) to an ``-incoming defer`` QEMU."""
-    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
-    machine.send_fd(fd, _FD_NAME)
-    machine.qmp("migrate-incoming", uri=f"fd:{_FD_NAME}")
-    info = _migration_outcome(machine)
-    if info["status"] != "completed":
-        raise SnapshotFileError(
-            "QEMU could not load the CPU snapshot: "
-            f"{info.get('error-desc', info['status'])}; {machine.log_tail(500).strip()}"
-        )
 
 
 def _stream_sha256(fd: int, length: int) -> str:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vmmgate.vmm import accel as accel_mod
-from vmmgate.vmm import ramcopy
-from vmmgate.vmm import snapshot as snap
+from vmmgate.vmm import migration, ramcopy
 from vmmgate.vmm.errors import Conflict, InvalidRequest
 from vmmgate.vmm.machine import (
     KernelBoot,
@@ -27,6 +26,11 @@ from vmmgate.vmm.machine import (
     find_qemu,
 )
 from vmmgate.vmm.snapfile import CpuHeader, open_pair
+
+# Not `from typing import ...`: typing costs every VMM start ~7 ms, for annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from vmmgate.vmm.snapshot import SnapshotResult
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,7 @@ class VirtualMachine:
         machine = QemuMachine(spec, boot=boot)
         try:
             machine.launch()
-            snap.enable_ignore_shared(machine)
+            migration.enable_ignore_shared(machine)
         except BaseException:
             machine.close()
             raise
@@ -137,8 +141,8 @@ class VirtualMachine:
                 marks.append(("load_ram", time.perf_counter()))
                 machine.connect()
                 marks.append(("qemu_ready", time.perf_counter()))
-                snap.enable_ignore_shared(machine)
-                snap.load_device_state(machine, cpu_fd)
+                migration.enable_ignore_shared(machine)
+                migration.load_device_state(machine, cpu_fd)
                 marks.append(("load_state", time.perf_counter()))
                 machine.qmp("cont")
                 marks.append(("cont", time.perf_counter()))
@@ -174,11 +178,14 @@ class VirtualMachine:
 
     def snapshot(
         self, cpu_path: Path, memory_path: Path, resume: bool
-    ) -> snap.SnapshotResult:
+    ) -> SnapshotResult:
         """Snapshot to the two paths, then run on (``resume``) or stay paused.
 
         On failure the VM is left as it was before the call.
         """
+        # Imported here, off a restore's critical path (cli.py loads it meanwhile).
+        from vmmgate.vmm import snapshot as snap
+
         snap.check_targets(cpu_path, memory_path, snap.size_estimate(self.machine))
         was_running = self.state is VmState.RUNNING
         if not was_running:
