@@ -10,7 +10,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,16 @@ class Server:
             {"Content-Type": "application/json"},
             timeout,
         )
+
+    @contextmanager
+    def running(self) -> Iterator[Server]:
+        """Start the server; on the way out stop its VMs, then the server itself."""
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop_all_vms()
+            self.stop()
 
     def stop(self, timeout: float = 30) -> None:
         """Stop gunicorn (SIGTERM, then SIGKILL), by its pid."""

@@ -30,12 +30,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VMMGATE_KERNEL_ROOTS=str(base),
         FAKE_VMM_MODE="ok",
     )
-    srv.start()
-    try:
+    with srv.running():
         yield srv
-    finally:
-        srv.stop_all_vms()
-        srv.stop()
 
 
 def test_requests_gunicorn_rejects_get_json_errors(server: Server) -> None:

@@ -86,12 +86,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VMMGATE_SNAPSHOT_ROOTS=str(empty),
         FAKE_VMM_MODE="die",
     )
-    srv.start()
-    try:
+    with srv.running():
         yield srv
-    finally:
-        srv.stop_all_vms()
-        srv.stop()
 
 
 def _schema(server: Server) -> Any:

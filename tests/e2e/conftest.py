@@ -49,12 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # The VMM finds its default initramfs in <state>/guest: share the built guest.
     (state / "guest").symlink_to(GUEST)
     srv = make_server(state, base / "gunicorn.log", VMMGATE_READY_TIMEOUT="60")
-    srv.start()
-    try:
+    with srv.running():
         yield srv
-    finally:
-        srv.stop_all_vms()
-        srv.stop()
 
 
 @dataclass

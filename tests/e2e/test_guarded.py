@@ -69,12 +69,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VMMGATE_MAX_CONCURRENT_SNAPSHOTS="1",
         VMMGATE_READY_TIMEOUT="60",
     )
-    server.start()
-    try:
+    with server.running():
         yield server
-    finally:
-        server.stop_all_vms()
-        server.stop()
 
 
 @pytest.fixture(scope="module")

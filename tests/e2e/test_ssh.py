@@ -365,12 +365,8 @@ def netns_server(
         VMMGATE_READY_TIMEOUT="60",
         VMMGATE_VMM_COMMAND=command,
     )
-    srv.start()
-    try:
+    with srv.running():
         yield srv
-    finally:
-        srv.stop_all_vms()
-        srv.stop()
 
 
 def _create(server: Server, body: dict[str, Any]) -> Vm:
