@@ -3,7 +3,8 @@
 One run, side by side, alternating so that machine noise hits both sides:
 
 * snapshot: ``POST /snapshot`` through gunicorn (2 workers) against the same
-  VM's ``snapshot_and_pause`` called directly over msgpack-RPC;
+  VM's ``snapshot_and_pause`` called directly over msgpack-RPC, with the
+  client the server itself uses (``vmmgate.rpc``, one connection per call);
 * restore: ``POST /create`` with ``resume: true`` until it answers (the VMM
   answers RPC) against starting ``python -m vmmgate.vmm --cpu_path ...``
   alone and waiting for its first RPC answer;
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import vmm_bench
 
 from tests.server import make_server
+from vmmgate import rpc
 from vmmgate.guest import ensure_guest
 from vmmgate.state import state_dir
 
@@ -68,20 +70,18 @@ def main() -> None:
         port = answer.json["port"]
         console = next(state.glob("vms/*/console.log"))
         vmm_bench.wait_counter(console, 2)
-        client = vmm_bench.rpc(port)
         cpu, mem = work / "cpu", work / "mem"
         body = {"cpu_snapshot_path": str(cpu), "memory_snapshot_path": str(mem),
                 "rpc_port": port, "resume": True}  # fmt: skip
         for _ in range(args.runs):
             http = timed(lambda: server.post("/snapshot", body))
             direct = timed(
-                lambda: client.call(
-                    "snapshot_and_pause", str(cpu), str(mem), port, True
+                lambda: rpc.call(
+                    port, "snapshot_and_pause", str(cpu), str(mem), port, True
                 )
             )
             rows["snapshot"][0].append(http)
             rows["snapshot"][1].append(direct)
-        vmm_bench.close(client)
         restore = {"cpu_snapshot_path": str(cpu), "memory_snapshot_path": str(mem),
                    "kernel_path": "<kernel>", "resume": True}  # fmt: skip
         for i in range(args.runs):

@@ -25,26 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpackrpc
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from vmmgate import rpc
 from vmmgate.guest import ensure_guest
 from vmmgate.state import state_dir
-
-
-def rpc(port: int) -> msgpackrpc.Client:
-    """A client for the VMM on ``port``."""
-    return msgpackrpc.Client(
-        msgpackrpc.Address("127.0.0.1", port), timeout=60, unpack_encoding="utf-8"
-    )
-
-
-def close(client: msgpackrpc.Client) -> None:
-    """Close a client and its private IOLoop."""
-    client.close()
-    client._loop._ioloop.close(all_fds=True)
 
 
 def start_vmm(args: list[str], log: Path) -> tuple[subprocess.Popen, int, float]:
@@ -66,11 +52,7 @@ def start_vmm(args: list[str], log: Path) -> tuple[subprocess.Popen, int, float]
             argv, cwd=ROOT, pass_fds=[sock.fileno()], stdout=out, stderr=out
         )
     sock.close()
-    client = rpc(port)
-    try:
-        client.call("status")  # queued in the backlog until the VMM serves
-    finally:
-        close(client)
+    rpc.call(port, "status")  # queued in the backlog until the VMM serves
     return proc, port, time.perf_counter() - started
 
 
@@ -81,9 +63,7 @@ _RUNNING_AT = re.compile(r"guest running at (\d+\.\d+)")
 def stop_vmm(proc: subprocess.Popen, port: int) -> None:
     """Shut a VMM down (RPC, then SIGKILL after a timeout)."""
     try:
-        client = rpc(port)
-        client.call("shutdown")
-        close(client)
+        rpc.call(port, "shutdown")
         proc.wait(10)
     except Exception:  # noqa: BLE001 - any failure: make sure it is gone
         proc.kill()
@@ -119,15 +99,13 @@ def bench_size(mib: int, runs: int, work: Path, kernel: Path) -> dict[str, float
                                "--console-log", str(console)], out / "vmm.log")  # fmt: skip
     try:
         wait_counter(console, 2)
-        client = rpc(port)
         snaps = []
         for i in range(runs):
             cpu, mem = out / f"cpu{i}", out / f"mem{i}"
             started = time.perf_counter()
-            client.call("snapshot_and_pause", str(cpu), str(mem), port, True)
+            rpc.call(port, "snapshot_and_pause", str(cpu), str(mem), port, True)
             snaps.append(time.perf_counter() - started)
             time.sleep(0.3)
-        close(client)
     finally:
         stop_vmm(proc, port)
     cpu, mem = out / f"cpu{runs - 1}", out / f"mem{runs - 1}"
