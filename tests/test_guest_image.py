@@ -9,6 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.guestcheck import (
+    MEMCHECK_CMDLINE,
+    assert_restored_continues,
+    pattern_mib,
+    pattern_sums,
+    rounds,
+)
 from vmmgate.guest import (
     COUNTER_PREFIX,
     FW_CFG_STARTER,
@@ -17,6 +24,7 @@ from vmmgate.guest import (
     UP_LINE,
     GuestImage,
     ensure_guest,
+    initscript,
 )
 from vmmgate.guest.cpio import Tree, archive
 from vmmgate.guest.kernel import KernelError, load_order
@@ -173,3 +181,55 @@ def test_cpio_archive_is_newc_with_parents_first() -> None:
     ]
     positions = [data.index(name.encode() + b"\0") for name in names]
     assert positions == sorted(positions)
+
+
+def test_init_starts_the_memory_check_only_when_the_cmdline_asks() -> None:
+    """The rendered /init parses, reads vmmgate.memcheck from the kernel command line,
+    and starts the checker in the background after the up line, before the counter."""
+    text = initscript.render(["virtio"])
+    assert "@" not in text, "a placeholder was left in /init"
+    done = subprocess.run(
+        ["sh", "-n"], input=text, text=True, capture_output=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "/proc/cmdline" in text
+    assert f"{initscript.MEMCHECK_PARAM}=*)" in text
+    assert f"-le {initscript.MEMCHECK_MAX_MIB} ]" in text
+    assert "mount -t tmpfs" in text and initscript.MEMCHECK_DIR in text
+    assert "dd if=/dev/urandom" in text and "sha256sum" in text
+    assert initscript.MEMCHECK_PATTERN_PREFIX in text
+    assert initscript.MEMCHECK_ROUND_PREFIX in text
+    start = text.index('memcheck "$mib" </dev/null &')
+    assert (
+        text.index(f'echo "{UP_LINE}"') < start < text.index(f'echo "{COUNTER_PREFIX}')
+    )
+    assert MEMCHECK_CMDLINE(32).endswith(f" {initscript.MEMCHECK_PARAM}=32")
+    with pytest.raises(ValueError):
+        MEMCHECK_CMDLINE(initscript.MEMCHECK_MAX_MIB + 1)
+
+
+def test_guestcheck_reads_the_memory_check_lines() -> None:
+    """The console parsers find pattern sums, rounds and a bad churn file, and the
+    continuity check refuses a reboot, a wrong first counter and a gap."""
+    sha, other = "a" * 64, "b" * 64
+    pattern = f"{initscript.MEMCHECK_PATTERN_PREFIX}{sha} mib=32\r\n"
+    round_line = initscript.MEMCHECK_ROUND_PREFIX + "{} pattern={} churn={}\r\n"
+    text = (
+        f"{UP_LINE}\r\n{COUNTER_PREFIX}1\r\n{pattern}"
+        + round_line.format(1, sha, "ok")
+        + f"{COUNTER_PREFIX}2\r\n"
+        + round_line.format(2, other, "bad")
+    )
+    assert pattern_sums(text) == [sha, sha, other]
+    assert pattern_mib(text) == [32]
+    assert rounds(text) == [(1, True), (2, False)]
+    restored = f"ter 6\r\n{COUNTER_PREFIX}7\r\n{COUNTER_PREFIX}8\r\n"
+    assert assert_restored_continues(restored, 6, 7) == 7
+    for bad, low, high in (
+        (text, 1, 1),  # a fresh boot
+        (restored, 1, 6),  # not the counter the snapshot held
+        (f"{COUNTER_PREFIX}7\r\n{COUNTER_PREFIX}9\r\n", 7, 7),  # a gap
+        ("", 1, 9),  # no counter at all
+    ):
+        with pytest.raises(AssertionError):
+            assert_restored_continues(bad, low, high)

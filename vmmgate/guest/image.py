@@ -63,6 +63,12 @@ def recipe_digest() -> str:
     return digest.hexdigest()
 
 
+#: The recipe this process's code was loaded from. A build stamps this, not the
+#: source on disk now: a process that imported the subpackage before it changed
+#: must not label its (old) image with the new recipe, or nobody rebuilds it.
+LOADED_RECIPE = recipe_digest()
+
+
 def _file_info(path: Path) -> dict[str, Any]:
     """Return the size and sha256 of a file."""
     digest = hashlib.sha256()
@@ -159,7 +165,7 @@ def _assemble(work: Path, say: Say) -> tuple[bytes, bytes, dict[str, Any]]:
     }
     manifest = {
         "format": MANIFEST_FORMAT,
-        "recipe": recipe_digest(),
+        "recipe": LOADED_RECIPE,
         "built_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "kernel": {
             "metapackage": kernel.KERNEL_METAPACKAGE,
