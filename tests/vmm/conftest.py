@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ READY_TIMEOUT = 60.0
 GUEST_TIMEOUT = 90.0
 EXIT_BAD_INPUT = 4
 _READY_LINE = "RPC on 127.0.0.1:"
+#: The VMM logs one of these at the start of each phase of a snapshot write.
+PHASE = re.compile(r"snapshot phase: (\w+)")
 _ENV_DROP = ("VMMGATE_INITRD", "VMMGATE_ACCEL", "VMMGATE_STATE_DIR", "VMMGATE_QEMU")
 
 
@@ -163,6 +166,54 @@ def qemus_mentioning(text: str) -> list[int]:
     return found
 
 
+class PhaseKiller:
+    """Copies a VMM's stderr from a pipe to its log file, and SIGKILLs the VMM the
+    moment it logs a chosen snapshot phase.
+
+    A blocking read wakes as soon as the line is written, so the kill lands a
+    fraction of a millisecond after the phase began (a phase can last ~5 ms).
+    The kill is sent from the reading thread itself, not after a poll.
+    """
+
+    def __init__(self, read_fd: int, log_path: Path) -> None:
+        self._fd = read_fd
+        self._log = log_path.open("ab", buffering=0)
+        self._target: tuple[int, str] | None = None
+        self.fired = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def arm(self, pid: int, phase: str) -> None:
+        """SIGKILL ``pid`` when the next ``snapshot phase: <phase>`` line arrives."""
+        self.fired.clear()
+        self._target = (pid, phase)
+
+    def _pump(self) -> None:
+        pending = b""
+        try:
+            while chunk := os.read(self._fd, 65536):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                target = self._target
+                if target is not None and not self.fired.is_set():
+                    for line in lines:
+                        found = PHASE.search(line.decode(errors="replace"))
+                        if found and found.group(1) == target[1]:
+                            # The VMM is our unreaped child: its pid cannot be reused yet.
+                            _signal(target[0], signal.SIGKILL)
+                            self.fired.set()
+                            break
+                self._log.write(chunk)
+        finally:
+            self._log.close()
+            os.close(self._fd)
+
+    def join(self, timeout: float) -> None:
+        """Wait until the VMM closed its stderr and everything is in the log file."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the VMM's stderr was not closed"
+
+
 def _signal(pid: int, signum: int) -> None:
     try:
         os.kill(pid, signum)
@@ -182,6 +233,7 @@ class Vmm:
     qemu_pid: int | None = None
     qemu_start: int | None = None
     status: dict = field(default_factory=dict)
+    killer: PhaseKiller | None = None
 
     @property
     def pid(self) -> int:
@@ -197,6 +249,15 @@ class Vmm:
 
     def stderr_tail(self, limit: int = 3000) -> str:
         return self.stderr()[-limit:]
+
+    def phases(self, since: int = 0) -> list[str]:
+        """Return the snapshot phases logged from character ``since`` of the log on."""
+        return PHASE.findall(self.stderr()[since:])
+
+    def kill_at_phase(self, phase: str) -> None:
+        """SIGKILL this VMM the moment it logs ``snapshot phase: <phase>``."""
+        assert self.killer is not None, "spawn the VMM with watch=True"
+        self.killer.arm(self.pid, phase)
 
     def qemu_alive(self) -> bool:
         """True while this VMM's QEMU runs."""
@@ -264,8 +325,11 @@ class VmmPool:
 
     # Starting --------------------------------------------------------------------------
 
-    def spawn(self, args: list[str], console: Path) -> Vmm:
-        """Start a VMM process (not waiting for it) on a fresh port."""
+    def spawn(self, args: list[str], console: Path, watch: bool = False) -> Vmm:
+        """Start a VMM process (not waiting for it) on a fresh port.
+
+        ``watch``: its stderr goes through a pipe to a PhaseKiller (``kill_at_phase``).
+        """
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.bind(("127.0.0.1", 0))
@@ -285,21 +349,38 @@ class VmmPool:
                 "--console-log",
                 str(console),
             ]
+            killer = None
             with stderr_path.open("wb") as log:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=log,
-                    pass_fds=(fd,),
-                    cwd=PROJECT_ROOT,
-                    env=self.env,
-                )
+                if watch:
+                    read_fd, write_fd = os.pipe()
+                    out: Any = write_fd
+                else:
+                    out = log
+                try:
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=out,
+                        pass_fds=(fd,),
+                        cwd=PROJECT_ROOT,
+                        env=self.env,
+                    )
+                finally:
+                    if watch:
+                        os.close(write_fd)
+            if watch:
+                killer = PhaseKiller(read_fd, stderr_path)
         finally:
             # Only the VMM holds the socket now: if it dies, connections are refused.
             sock.close()
         vmm = Vmm(
-            proc=proc, port=port, console=console, stderr_path=stderr_path, argv=argv
+            proc=proc,
+            port=port,
+            console=console,
+            stderr_path=stderr_path,
+            argv=argv,
+            killer=killer,
         )
         self.started.append(vmm)
         return vmm
@@ -322,20 +403,28 @@ class VmmPool:
         vmm.qemu_start = stat[1]
         return vmm
 
-    def boot(self, console: Path, *extra: str, wait_up: bool = True) -> Vmm:
+    def boot(
+        self, console: Path, *extra: str, wait_up: bool = True, watch: bool = False
+    ) -> Vmm:
         """Boot the demo guest; wait for RPC and (by default) the boot line."""
         vmm = self.wait_ready(
-            self.spawn(["--kernel", f"path={self.guest.kernel}", *extra], console)
+            self.spawn(
+                ["--kernel", f"path={self.guest.kernel}", *extra], console, watch
+            )
         )
         if wait_up:
             vmm.wait_up()
         return vmm
 
-    def restore(self, cpu: Path, memory: Path, console: Path, *extra: str) -> Vmm:
+    def restore(
+        self, cpu: Path, memory: Path, console: Path, *extra: str, watch: bool = False
+    ) -> Vmm:
         """Restore a snapshot pair; wait until RPC answers."""
         return self.wait_ready(
             self.spawn(
-                ["--cpu_path", str(cpu), "--memory_path", str(memory), *extra], console
+                ["--cpu_path", str(cpu), "--memory_path", str(memory), *extra],
+                console,
+                watch,
             )
         )
 

@@ -19,18 +19,28 @@ from pathlib import Path
 import pytest
 from msgpackrpc.error import RPCError
 
+from tests.guestcheck import (
+    MEMCHECK_CMDLINE,
+    assert_restored_continues,
+    pattern_mib,
+    pattern_sums,
+    rounds,
+)
 from tests.vmm.conftest import (
     EXIT_BAD_INPUT,
+    GUEST_TIMEOUT,
     Vmm,
     VmmPool,
     process_alive,
     qemus_mentioning,
+    read_text,
     remount,
     sha256,
     wait_for,
 )
 from vmmgate.guest import UP_LINE
-from vmmgate.vmm.atomic import TEMP_PREFIX
+from vmmgate.vmm.atomic import TEMP_PREFIX, undo_entries
+from vmmgate.vmm.recovery import recover
 from vmmgate.vmm.snapfile import verify_pair
 
 pytestmark = pytest.mark.e2e
@@ -59,6 +69,15 @@ def take_snapshot(
     last = vm.last_counter()
     assert last is not None
     return Snapshot(cpu, memory, last, sha256(cpu), sha256(memory))
+
+
+def next_after(snapshot: Snapshot) -> tuple[int, int]:
+    """The first counter a restore of a paused ``snapshot`` may print.
+
+    last + 1, or last + 2 if the pause cut the next counter line in half (its
+    tail then goes to the restored console and does not parse as a counter).
+    """
+    return snapshot.last_counter + 1, snapshot.last_counter + 2
 
 
 def ensure_running(vm: Vmm) -> None:
@@ -134,6 +153,7 @@ def other(
     directory = tmp_path_factory.mktemp("other")
     vm = module_vmm.restore(base.cpu, base.memory, directory / "console.log")
     vm.wait_counter(base.last_counter + 2)
+    assert_restored_continues(read_text(vm.console), *next_after(base))
     snapshot = take_snapshot(vm, directory)
     module_vmm.stop(vm)
     return snapshot
@@ -206,12 +226,7 @@ def test_restore_continues_the_counter(
     assert status["origin"]["kind"] == "snapshot"
     assert status["memory_mib"] == 256
     vm.wait_counter(base.last_counter + 2)
-    values = vm.counters()
-    assert values[0] == base.last_counter + 1, values
-    assert values == list(range(values[0], values[0] + len(values)))
-    assert UP_LINE not in vm.console.read_text(errors="replace"), (
-        "the restored guest rebooted"
-    )
+    assert_restored_continues(read_text(vm.console), *next_after(base))
 
 
 def test_one_snapshot_restored_twice_at_once(
@@ -231,7 +246,7 @@ def test_one_snapshot_restored_twice_at_once(
     for vm in (first, second):
         vm.wait_counter(base.last_counter + 3)
     for vm in (first, second):
-        assert vm.counters()[0] == base.last_counter + 1
+        assert_restored_continues(read_text(vm.console), *next_after(base))
         assert vm.call("status")["state"] == "running"
     assert sha256(base.cpu) == base.cpu_sha256
     assert sha256(base.memory) == base.memory_sha256
@@ -241,7 +256,7 @@ def test_three_generations(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None
     # Generation 1 is the booted VM, snapshotted into ``base``.
     second = vmm.restore(base.cpu, base.memory, tmp_path / "gen2.log")
     second.wait_counter(base.last_counter + 2)
-    assert second.counters()[0] == base.last_counter + 1
+    assert_restored_continues(read_text(second.console), *next_after(base))
     snap2 = take_snapshot(second, tmp_path, "gen2")
     assert (
         verify_pair(snap2.cpu, snap2.memory).snapshot_id
@@ -250,10 +265,65 @@ def test_three_generations(base: Snapshot, vmm: VmmPool, tmp_path: Path) -> None
     vmm.stop(second)
     third = vmm.restore(snap2.cpu, snap2.memory, tmp_path / "gen3.log")
     third.wait_counter(snap2.last_counter + 2)
-    assert third.counters()[0] == snap2.last_counter + 1
+    assert_restored_continues(read_text(third.console), *next_after(snap2))
     snap3 = take_snapshot(third, tmp_path, "gen3", resume=True)
     verify_pair(snap3.cpu, snap3.memory)
     assert third.wait_advance() > snap3.last_counter
+
+
+# Guest RAM ---------------------------------------------------------------------------
+
+#: MiB of random data the guest keeps in RAM for the memory check (of its 256 MiB).
+MEMCHECK_MIB = 32
+
+
+def wait_rounds(vm: Vmm, count: int, timeout: float = GUEST_TIMEOUT) -> str:
+    """Wait until the guest printed ``count`` memory-check rounds; return its console."""
+
+    def enough() -> str | None:
+        vm.check_running()
+        text = read_text(vm.console)
+        return text if len(rounds(text)) >= count else None
+
+    return wait_for(enough, timeout, f"{count} memcheck rounds in {vm.console}")
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "paused"])
+def test_guest_ram_survives_a_snapshot_under_heavy_writes(
+    resume: bool, vmm: VmmPool, tmp_path: Path
+) -> None:
+    """A guest filling and re-hashing its RAM is snapshotted mid-churn and restored:
+    the restored guest finds its pattern and its churn files intact and goes on."""
+    vm = vmm.boot(tmp_path / "boot.log", "--cmdline", MEMCHECK_CMDLINE(MEMCHECK_MIB))
+    text = wait_rounds(vm, 2)
+    assert pattern_mib(text) == [MEMCHECK_MIB]
+    pattern = pattern_sums(text)[0]
+    assert set(pattern_sums(text)) == {pattern}
+    assert all(ok for _, ok in rounds(text)), rounds(text)
+    round_before = rounds(text)[-1][0]
+    counter_before = vm.last_counter()
+    assert counter_before is not None
+    snap = take_snapshot(vm, tmp_path, "churn", resume=resume)
+    assert vm.call("status")["state"] == ("running" if resume else "paused")
+    if resume:
+        # Taken somewhere during the call: between the counters seen before and after it.
+        low, high = counter_before + 1, snap.last_counter + 2
+    else:
+        low, high = next_after(snap)
+    vmm.stop(vm)  # one guest at a time on this CPU; the pair stands alone
+
+    restored = vmm.restore(snap.cpu, snap.memory, tmp_path / "restored.log")
+    assert restored.call("status")["state"] == "running"
+    after = wait_rounds(restored, 3)
+    assert_restored_continues(after, low, high)
+    # A fresh boot would fill (and print) a new random pattern.
+    assert pattern_mib(after) == [], "the restored guest filled a new pattern"
+    assert set(pattern_sums(after)) == {pattern}, "the pattern in guest RAM changed"
+    done = rounds(after)
+    assert all(ok for _, ok in done), f"a churn file changed in guest RAM: {done}"
+    numbers = [n for n, _ in done]
+    assert numbers[0] > round_before, (numbers, round_before)
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers
 
 
 # Bad snapshot pairs --------------------------------------------------------------------
@@ -416,13 +486,11 @@ def test_snapshot_on_a_full_disk_fails_cleanly(
 # Process hygiene -------------------------------------------------------------------------
 
 
-def wait_qemu_gone(vm: Vmm, timeout: float) -> float:
-    """Wait until the VMM's QEMU is gone; return how long it took."""
-    started = time.monotonic()
+def wait_qemu_gone(vm: Vmm, timeout: float = 10.0) -> None:
+    """Wait (a bound, not a measure) until the VMM's QEMU is gone."""
     wait_for(
         lambda: not vm.qemu_alive(), timeout, f"QEMU {vm.qemu_pid} to go", interval=0.01
     )
-    return time.monotonic() - started
 
 
 def test_sigkill_vmm_takes_qemu_down(
@@ -435,42 +503,59 @@ def test_sigkill_vmm_takes_qemu_down(
     take_snapshot(vm, snaps, resume=True)
     assert vm.qemu_alive()
     os.kill(vm.pid, signal.SIGKILL)
-    assert vm.wait_exit(5) == -signal.SIGKILL
-    wait_qemu_gone(vm, 2.0)
+    assert vm.wait_exit(10) == -signal.SIGKILL
+    wait_qemu_gone(vm)
     assert temp_files(snaps) == []
     assert temp_files(tmp_path) == []
     assert qemus_mentioning(str(tmp_path)) == []
 
 
-def recover_after(cpu: Path, memory: Path, pid: int) -> object:
-    """Do what the server does after a VMM died: ``vmmgate.vmm.recovery`` if it exists."""
-    try:
-        from vmmgate.vmm.recovery import recover
-    except ImportError:
-        return None
-    return recover(cpu, memory, pid)
+#: The phases of a snapshot write, in order, as the VMM logs them.
+WRITE_PHASES = ("device_state", "ram_copy", "fsync", "rename")
+#: A kill can overshoot a ~5 ms phase when this machine is busy; try again, this often.
+KILL_ATTEMPTS = 6
 
 
-@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.7, 0.85, 1.0])
-def test_sigkill_during_snapshot_keeps_a_whole_pair(
-    fraction: float, base: Snapshot, vmm: VmmPool, tmp_path: Path
-) -> None:
-    snaps = tmp_path / "snaps"
-    snaps.mkdir()
-    vm = vmm.restore(base.cpu, base.memory, tmp_path / "console.log")
-    vm.wait_counter(base.last_counter + 1)
-    take_snapshot(vm, snaps, resume=True)  # the first one is slower: not a measure
-    started = time.monotonic()
-    vm.call(
-        "snapshot_and_pause",
-        str(snaps / "snap.cpu"),
-        str(snaps / "snap.mem"),
-        vm.port,
-        True,
+def pair_state(old: Snapshot) -> str:
+    """Compare the two paths with the pair they held: "old", "new" (both differ) or "mixed"."""
+    cpu_same = sha256(old.cpu) == old.cpu_sha256
+    memory_same = sha256(old.memory) == old.memory_sha256
+    return {(True, True): "old", (False, False): "new"}.get(
+        (cpu_same, memory_same), "mixed"
     )
-    duration = time.monotonic() - started
-    old = take_snapshot(vm, snaps, resume=True)  # the pair the killed snapshot replaces
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One VMM killed in the middle of replacing ``old``."""
+
+    old: Snapshot
+    pid: int
+    landed: str
+    state: str
+
+
+def kill_in_phase(
+    phase: str, base: Snapshot, vmm: VmmPool, directory: Path
+) -> Kill | None:
+    """SIGKILL a VMM the moment its snapshot over an existing pair logs ``phase``.
+
+    Assert, right after the kill and before any clean-up, what the VMM alone
+    promises for the phase the kill landed in. Return None when the kill came only
+    after the snapshot was committed (not inside the window: try again).
+    """
+    directory.mkdir()
+    vm = vmm.restore(base.cpu, base.memory, directory / "console.log", watch=True)
+    vm.wait_counter(base.last_counter + 1)
+    old = take_snapshot(vm, directory, resume=True)  # the pair the killed one replaces
+    old_id = verify_pair(old.cpu, old.memory).snapshot_id
     vm.wait_advance()  # the guest's RAM changed, so a new pair differs from the old one
+    # The first snapshot's markers are in the log before the kill is armed.
+    before = wait_for(
+        lambda: (logged := vm.phases()).count("committed") == 1 and logged,
+        30,
+        "the first snapshot's phase markers",
+    )
     outcome: list[object] = []
 
     def snapshot() -> None:
@@ -483,35 +568,68 @@ def test_sigkill_during_snapshot_keeps_a_whole_pair(
         except Exception as exc:  # noqa: BLE001 - the VMM is killed under the call
             outcome.append(exc)
 
+    vm.kill_at_phase(phase)
     thread = threading.Thread(target=snapshot, daemon=True)
     thread.start()
-    time.sleep(fraction * duration)
-    os.kill(vm.pid, signal.SIGKILL)
+    assert vm.wait_exit(60) == -signal.SIGKILL, vm.stderr_tail()
     thread.join(60)
     assert not thread.is_alive()
-    assert vm.wait_exit(5) == -signal.SIGKILL
-    wait_qemu_gone(vm, 2.0)
-
-    def state() -> str:
-        cpu_same = sha256(old.cpu) == old.cpu_sha256
-        memory_same = sha256(old.memory) == old.memory_sha256
-        return {(True, True): "old", (False, False): "new"}.get(
-            (cpu_same, memory_same), "mixed"
-        )
-
-    raw, raw_listing = state(), listing(snaps)
-    recovery = recover_after(old.cpu, old.memory, vm.pid)
-    final = state()
+    wait_qemu_gone(vm)
+    assert vm.killer is not None
+    vm.killer.join(10)
+    logged = vm.phases()[len(before) :]
+    if "committed" in logged:
+        print(f"the kill at {phase} landed after the commit: {logged}")
+        return None
+    # Every phase up to the one the kill interrupted was logged, in order.
+    assert logged and logged == list(WRITE_PHASES[: len(logged)]), logged
+    landed = logged[-1]
+    assert WRITE_PHASES.index(landed) >= WRITE_PHASES.index(phase), logged
+    assert outcome and outcome[0] != "Success", outcome
+    # What the two paths hold now, before anyone cleans up after the dead VMM.
+    state = pair_state(old)
+    undo = undo_entries(directory, vm.pid)
+    if landed != "rename":
+        # Nothing is renamed before the rename phase, and the new files are unnamed.
+        assert state == "old", f"killed in {landed}: the pair changed"
+        assert temp_files(directory) == [], listing(directory)
+        assert undo == []
+    elif state == "new":
+        header = verify_pair(old.cpu, old.memory)
+        assert header.snapshot_id != old_id
+    elif state == "mixed":
+        # Between the two renames: only allowed while the old memory file has its undo name.
+        assert undo, f"a mixed pair and no undo entry: {listing(directory)}"
     print(
-        f"killed {fraction * duration * 1000:.0f} ms into a {duration * 1000:.0f} ms snapshot: "
-        f"call {outcome[0]!r}; right after the kill {raw} {raw_listing}; "
-        f"after recovery {final} ({recovery})"
+        f"killed at {phase}, landed in {landed}: call {outcome[0]!r}; the paths hold "
+        f"the {state} pair; {listing(directory)}"
     )
-    assert final in ("old", "new"), "a mixed pair: one file is old, the other new"
-    verify_pair(old.cpu, old.memory)
-    assert temp_files(snaps) == [], listing(snaps)
-    if outcome[0] == "Success":
-        assert final == "new", "the snapshot succeeded but the old pair is still there"
+    return Kill(old=old, pid=vm.pid, landed=landed, state=state)
+
+
+@pytest.mark.parametrize("phase", WRITE_PHASES)
+def test_sigkill_during_snapshot_keeps_a_whole_pair(
+    phase: str, base: Snapshot, vmm: VmmPool, tmp_path: Path
+) -> None:
+    """A VMM killed at a phase marker leaves the old pair or the new one (a mixed pair
+    only with its undo entry); recovery then leaves a whole pair and no temporaries."""
+    for attempt in range(1, KILL_ATTEMPTS + 1):
+        kill = kill_in_phase(phase, base, vmm, tmp_path / f"attempt-{attempt}")
+        if kill is not None and kill.landed == phase:
+            break
+        print(f"attempt {attempt}: the kill did not land in {phase}; again")
+    else:
+        pytest.fail(f"no SIGKILL landed in {phase} in {KILL_ATTEMPTS} attempts")
+    directory = kill.old.cpu.parent
+    result = recover(kill.old.cpu, kill.old.memory, kill.pid)
+    final = pair_state(kill.old)
+    verify_pair(kill.old.cpu, kill.old.memory)
+    assert temp_files(directory) == [], listing(directory)
+    assert undo_entries(directory, kill.pid) == []
+    # Recovery undoes only a half-done replacement; a whole pair it leaves alone.
+    assert result.rolled_back == (kill.state == "mixed"), (result, kill.state)
+    expected = "old" if kill.state == "mixed" else kill.state
+    assert final == expected, f"{kill.state} before recovery, {final} after ({result})"
 
 
 def test_sigterm_stops_vmm_and_qemu(
@@ -521,7 +639,7 @@ def test_sigterm_stops_vmm_and_qemu(
     vm.wait_counter(base.last_counter + 1)
     os.kill(vm.pid, signal.SIGTERM)
     assert vm.wait_exit(10) == 0, vm.stderr_tail()
-    wait_qemu_gone(vm, 2.0)
+    wait_qemu_gone(vm)
     assert "Traceback" not in vm.stderr()
     assert qemus_mentioning(str(tmp_path)) == []
 
@@ -532,7 +650,7 @@ def test_shutdown_rpc_stops_vmm_and_qemu(
     vm = vmm.restore(base.cpu, base.memory, tmp_path / "console.log")
     assert vm.call("shutdown") == "Success"
     assert vm.wait_exit(10) == 0, vm.stderr_tail()
-    wait_qemu_gone(vm, 2.0)
+    wait_qemu_gone(vm)
 
 
 def test_base_snapshot_is_unchanged_by_all_restores(base: Snapshot) -> None:

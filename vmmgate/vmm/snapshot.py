@@ -10,6 +10,7 @@ only once complete and synced (atomic.py).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 import uuid
@@ -28,6 +29,8 @@ from vmmgate.vmm.snapfile import (
     cpu_header_block,
     memory_trailer_block,
 )
+
+log = logging.getLogger(__name__)
 
 #: Room kept free beyond the estimated size, for the device state and metadata.
 DISK_SLACK = 32 * 1024 * 1024
@@ -98,6 +101,15 @@ def _hold(path: Path) -> int | None:
         return None
 
 
+def _phase(name: str) -> None:
+    """Log the start of a write phase (``snapshot phase: <name>``).
+
+    Kill tests wait for these lines and SIGKILL the VMM inside that phase; the
+    StreamHandler flushes each record, so the line is on stderr before the work.
+    """
+    log.info("snapshot phase: %s", name)
+
+
 def _fsync_dirs(*paths: Path) -> None:
     """Make the renames of ``paths`` durable (each directory once)."""
     for directory in dict.fromkeys(path.parent for path in paths):
@@ -119,8 +131,10 @@ def write_snapshot(
     phases: dict[str, float] = {}
     try:
         with AtomicFile(cpu_path) as cpu_file, AtomicFile(memory_path) as mem_file:
+            _phase("device_state")
             stream_length = save_device_state(machine, cpu_file.fd)
             phases["device_state"] = time.perf_counter() - started
+            _phase("ram_copy")
             written = ramcopy.sparse_copy(machine.ram_fd, mem_file.fd, memory_size)
             phases["ram_copy"] = time.perf_counter() - started - sum(phases.values())
             os.ftruncate(mem_file.fd, memory_size)
@@ -142,9 +156,11 @@ def write_snapshot(
             # replaced are held open meanwhile: otherwise the first rename frees the
             # old memory file's blocks (~20 ms for 100 MB on ext4), and a SIGKILL
             # arriving then takes effect before the second rename: a mixed pair.
+            _phase("fsync")
             os.fsync(mem_file.fd)
             os.fsync(cpu_file.fd)
             phases["fsync"] = time.perf_counter() - started - sum(phases.values())
+            _phase("rename")
             replaced = [_hold(memory_path), _hold(cpu_path)]
             # Until both renames are done the previous memory file keeps a second
             # name: a kill between them (new RAM beside the old CPU file) is undone
@@ -165,6 +181,7 @@ def write_snapshot(
             _fsync_dirs(cpu_path, memory_path)
             undo.discard()
             phases["rename"] = time.perf_counter() - started - sum(phases.values())
+            _phase("committed")
     except OSError as exc:
         if isinstance(exc, SnapshotIOError):
             raise
