@@ -1,8 +1,14 @@
-"""The optional bearer token (vmmgate.auth) through the Flask test client, fake VMM."""
+"""The optional bearer token (vmmgate.auth) through the Flask test client, fake VMM.
+
+No real VM runs here: the fake VMM answers the RPC calls. The token in front of
+real VMs (boot, snapshot, restore through gunicorn and QEMU) is proven by
+tests/e2e/test_guarded.py.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import re
 from collections.abc import Callable, Iterator
@@ -13,10 +19,12 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from tests.snapfiles import make_pair
 from tests.test_http import assert_error, boot_body, snap_body
-from vmmgate import auth
+from vmmgate import auth, rpc
 from vmmgate.config import BindAddress, load_settings
 from vmmgate.errors import ConfigError
+from vmmgate.service import get_service
 from vmmgate.state import PROJECT_ROOT
 
 TOKEN = "s3cr3t-Token_with.all~the+b64/chars=="
@@ -90,8 +98,12 @@ def test_missing_or_wrong_token_is_401_on_every_route_but_healthz(
     assert not (state / "vms").exists() or not any((state / "vms").iterdir())
 
 
-def test_right_token_works(locked: Flask, kernel: Path) -> None:
-    """With the token, /create and /snapshot behave as without one."""
+def test_right_token_works(locked: Flask, kernel: Path, work: Path) -> None:
+    """With the token, boot, snapshot and restore go through to the (fake) VMM.
+
+    The fake VMM stands in for QEMU: this proves the token check lets the
+    requests through, not that real VMs boot (tests/e2e/test_guarded.py does).
+    """
     client = locked.test_client()
     created = client.post(
         "/create", json=boot_body("vmlinuz"), headers=auth_header(TOKEN)
@@ -110,6 +122,28 @@ def test_right_token_works(locked: Flask, kernel: Path) -> None:
         "/snapshot", json=snap_body(port), headers={"Authorization": f"bearer {TOKEN}"}
     )
     assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
+    assert rpc.call(port, "status", timeout=10)["snapshots_taken"] == 2
+    # A restore (a pair the VMM's reader accepts) with the token; without it, 401.
+    make_pair(work / "r.cpu", work / "r.mem")
+    restore = {
+        "cpu_snapshot_path": "r.cpu",
+        "memory_snapshot_path": "r.mem",
+        "kernel_path": "<ignored>",
+        "resume": True,
+    }
+    assert_error(client.post("/create", json=restore), 401)
+    restored = client.post("/create", json=restore, headers=auth_header(TOKEN))
+    assert restored.status_code == 200, restored.get_data(as_text=True)
+    registry = get_service(locked).registry
+    record = registry.find_live_by_port(restored.get_json()["port"])
+    assert record is not None and record.kind.value == "restore"
+    argv = json.loads((Path(record.vm_dir) / "argv.json").read_text())
+    assert argv[:4] == [
+        "--cpu_path",
+        str(work / "r.cpu"),
+        "--memory_path",
+        str(work / "r.mem"),
+    ]
 
 
 def test_no_token_configured_needs_none(client: Any, kernel: Path) -> None:

@@ -4,6 +4,12 @@ Through the Flask test client with the fake VMM. The bodies are built to fail
 validation or to name files that do not exist, so nothing boots: one VM (the
 fake) is booted up front so /snapshot bodies can also reach a live VM's port
 and exercise the path checks and the snapshot call behind them.
+
+/snapshot is fuzzed against three fakes (``FAKE_VMM_MODE``): one whose
+snapshots succeed, one whose snapshots all fail with ENOSPC (507 is the only
+5xx allowed) and one that dies in the middle of every snapshot after replacing
+the CPU file (502 is the only 5xx allowed; a fresh VM is booted for the next
+example). Each run must reach the VMM at least once, or it proved nothing.
 """
 
 from __future__ import annotations
@@ -113,10 +119,10 @@ create_bodies = body_for(
 )
 
 
-def check(response: Any) -> None:
-    """No 5xx, no traceback, JSON, and the original's error shape for every error."""
+def check(response: Any, failing_vmm: frozenset[int] = frozenset()) -> None:
+    """No 5xx (but ``failing_vmm``'s), no traceback, JSON, the original's error shape."""
     text = response.get_data(as_text=True)
-    assert response.status_code < 500, text
+    assert response.status_code < 500 or response.status_code in failing_vmm, text
     assert "Traceback" not in text and 'File "' not in text
     assert response.mimetype == "application/json", text
     if response.status_code >= 400:
@@ -151,27 +157,66 @@ def test_raw_bodies_fuzz(fuzz_client: FlaskClient, raw: bytes) -> None:
         )
 
 
-@FUZZ
-@given(data=st.data())
+#: Fake VMM modes for /snapshot: the one status each may add, and that it must show.
+SNAPSHOT_MODES = {
+    "ok": 200,
+    "error:io: [Errno 28] No space left on device": 507,
+    "crash-snapshot": 502,
+}
+
+
+@pytest.mark.parametrize("mode", list(SNAPSHOT_MODES), ids=["ok", "enospc", "crash"])
 def test_snapshot_fuzz(
-    fuzz_client: FlaskClient, kernel: Path, data: st.DataObject
+    make_app: Any, work: Path, kernel: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """/snapshot with fuzzed paths, ports (often a live VM's) and types."""
-    live = getattr(fuzz_client, "live_port", None)
-    if live is None:
-        response = fuzz_client.post("/create", json=boot_body("vmlinuz"))
+    """/snapshot with fuzzed paths, ports (often a live VM's) and types.
+
+    Against a fake whose snapshots succeed, fail (ENOSPC), or kill the VMM in
+    the middle; the failing ones may answer only the status the docs promise
+    for them (507, 502), and every run reaches the VMM at least once.
+    """
+    monkeypatch.setenv("FAKE_VMM_MODE", mode)
+    client = make_app(VMMGATE_SNAPSHOT_ROOTS=str(work)).test_client()
+    expected = SNAPSHOT_MODES[mode]
+    allowed = frozenset({expected} - {200})
+    live: list[int] = []
+    seen: list[int] = []
+
+    def boot() -> int:
+        response = client.post("/create", json=boot_body("vmlinuz"))
         assert response.status_code == 200, response.get_data(as_text=True)
-        live = response.get_json()["port"]
-        fuzz_client.live_port = live  # type: ignore[attr-defined]
-    ports = st.sampled_from([live, live + 1, 0, 22, 65535, 65536]) | st.integers()
-    body = data.draw(
-        body_for(
+        live[:] = [response.get_json()["port"]]
+        return live[0]
+
+    boot()
+
+    @FUZZ
+    @given(data=st.data())
+    def fuzz(data: st.DataObject) -> None:
+        port = live[0]
+        ports = st.sampled_from([port, port + 1, 0, 22, 65535, 65536]) | st.integers()
+        fields = {
+            "cpu_snapshot_path": field_values,
+            "memory_snapshot_path": field_values,
+            "rpc_port": ports | json_values,
+            "resume": st.booleans() | json_values,
+        }
+        # Half the bodies are well formed for the live VM, so that many reach it.
+        names = st.from_regex(r"[a-z]{1,8}(\.snap)?", fullmatch=True) | paths
+        near_valid = st.fixed_dictionaries(
             {
-                "cpu_snapshot_path": field_values,
-                "memory_snapshot_path": field_values,
-                "rpc_port": ports | json_values,
-                "resume": st.booleans() | json_values,
+                "cpu_snapshot_path": names,
+                "memory_snapshot_path": names,
+                "rpc_port": st.just(port),
+                "resume": st.booleans(),
             }
         )
-    )
-    check(fuzz_client.post("/snapshot", json=body))
+        body = data.draw(body_for(fields) | near_valid)
+        response = client.post("/snapshot", json=body)
+        check(response, allowed)
+        seen.append(response.status_code)
+        if response.status_code == 502:
+            boot()  # the VMM died mid-snapshot: the next example needs a VM
+
+    fuzz()
+    assert expected in seen, sorted(set(seen))

@@ -6,6 +6,7 @@ same against real VMs.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from flask.testing import FlaskClient
 from tests.server import wait_for
 from tests.test_http import assert_error, boot_body
 from vmmgate import lifecycle as lifecycle_module
-from vmmgate import openapi
+from vmmgate import openapi, rpc
 from vmmgate.blueprints.ops import plain_docs_page
 from vmmgate.lifecycle import _tail_offset, describe_exit
 from vmmgate.registry import (
@@ -215,8 +216,6 @@ def test_get_adopts_the_vmms_state(
     app: Flask, client: FlaskClient, kernel: Path
 ) -> None:
     """A VM paused behind the server's back (direct RPC) shows paused on the next read."""
-    from vmmgate import rpc
-
     answer = boot(client, kernel)
     assert rpc.call(answer["port"], "pause", timeout=5) == "Success"
     assert vm(client, answer["id"])["state"] == "paused"
@@ -226,19 +225,31 @@ def test_get_adopts_the_vmms_state(
 def test_snapshot_by_id_like_snapshot(
     client: FlaskClient, kernel: Path, work: Path
 ) -> None:
-    """POST /vms/<id>/snapshot writes the files; resume=false leaves the VM paused."""
-    vm_id = boot(client, kernel)["id"]
+    """POST /vms/<id>/snapshot writes the files; resume=false leaves the VMM paused.
+
+    The run state is asked of the VMM itself (its ``status`` RPC), so a server
+    that dropped ``resume`` on the way would fail here.
+    """
+    answer = boot(client, kernel)
+    vm_id, port = answer["id"], answer["port"]
     body = {"cpu_snapshot_path": "c.snap", "memory_snapshot_path": "m.snap"}
     response = client.post(f"/vms/{vm_id}/snapshot", json={**body, "resume": False})
     assert response.status_code == 200, response.get_data(as_text=True)
     answer = response.get_json()
     assert answer["result"] == "Snapshot taken successfully"
     assert answer["cpu_snapshot_path"] == str(work / "c.snap")
-    assert answer["vm"]["state"] == "paused" and (work / "m.snap").exists()
+    assert (work / "m.snap").exists()
+    status = rpc.call(port, "status", timeout=10)
+    assert status["state"] == "paused" and status["snapshots_taken"] == 1
+    assert answer["vm"]["state"] == "paused"
     # Paths are checked as for /snapshot.
     outside = {**body, "cpu_snapshot_path": "/etc/x.snap", "resume": True}
     assert_error(client.post(f"/vms/{vm_id}/snapshot", json=outside), 422)
+    assert rpc.call(port, "status", timeout=10)["snapshots_taken"] == 1
     again = client.post(f"/vms/{vm_id}/snapshot", json={**body, "resume": True})
+    assert again.status_code == 200, again.get_data(as_text=True)
+    status = rpc.call(port, "status", timeout=10)
+    assert status["state"] == "running" and status["snapshots_taken"] == 2
     assert again.get_json()["vm"]["state"] == "running"
 
 
@@ -292,17 +303,37 @@ def test_delete_stops_gracefully_then_404(
 def test_delete_kills_a_vmm_that_ignores_shutdown(
     make_app: Callable[..., Flask],
     kernel: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A VMM that ignores shutdown and SIGTERM is SIGKILLed after ?timeout= seconds."""
+    """A VMM that ignores shutdown is SIGKILLed once ?timeout= seconds are up.
+
+    The server's default stop timeout is ten minutes here, so a DELETE that
+    ended at all within the bounded wait used ``?timeout=0.5``; the fake's
+    event log shows the shutdown request came first.
+    """
+    events = tmp_path / "events"
     monkeypatch.setenv("FAKE_VMM_MODE", "stubborn")
-    client = make_app().test_client()
-    vm_id = boot(client, kernel)["id"]
-    started = time.monotonic()
-    response = client.delete(f"/vms/{vm_id}?timeout=0.5")
+    monkeypatch.setenv("FAKE_VMM_EVENTS", str(events))
+    client = make_app(VMMGATE_STOP_TIMEOUT=600).test_client()
+    answer = boot(client, kernel)
+    responses: list[Any] = []
+    deleter = threading.Thread(
+        target=lambda: responses.append(
+            client.delete(f"/vms/{answer['id']}?timeout=0.5")
+        ),
+        daemon=True,
+    )
+    with caplog.at_level(logging.INFO, logger="vmmgate.lifecycle"):
+        deleter.start()
+        deleter.join(120)
+    assert responses, "DELETE ?timeout=0.5 waited for the 600 s default"
+    [response] = responses
     assert response.status_code == 200, response.get_data(as_text=True)
     assert response.get_json()["exit_status"] == -signal.SIGKILL
-    assert 0.5 <= time.monotonic() - started < 5
+    assert events.read_text().split() == [str(answer["pid"]), "shutdown"]
+    assert "still running 0.5 s after shutdown; SIGKILL" in caplog.text
 
 
 def test_a_reused_pid_is_never_taken_for_the_vm(
@@ -358,42 +389,85 @@ def test_console_whole_and_tail(app: Flask, client: FlaskClient, kernel: Path) -
     assert client.get(f"/vms/{vm_id}/console?tail=0").get_data() == b""
 
 
+def _read_stream(response: Any, bound: float, on_chunk: Callable[[str], None]) -> str:
+    """Read a streamed answer to its end (in a thread, waiting at most ``bound`` s).
+
+    ``on_chunk`` sees the text read so far after each chunk.
+    """
+    chunks: list[str] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        for chunk in response.response:
+            chunks.append(chunk.decode())
+            on_chunk("".join(chunks))
+        ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert ended.wait(bound), f"the stream did not end within {bound:g} s"
+    response.close()
+    return "".join(chunks)
+
+
 def test_console_follow_streams_until_the_vm_ends(
     app: Flask, client: FlaskClient, kernel: Path
 ) -> None:
-    """?follow=1 sends new lines as they come and ends once the VMM is gone."""
+    """?follow=1 sends new lines as they come and ends once the VMM is gone.
+
+    The follow's own timeout is an hour: a stream that ended within the
+    bounded wait ended because the VM did.
+    """
     answer = boot(client, kernel)
     log = Path(get_service(app).registry.get(answer["id"]).vm_dir) / "console.log"
-    wait_for(log.exists, 5, "the fake's console log")
+    wait_for(log.exists, 10, "the fake's console log")
+    written: list[int] = []
 
-    def write_then_kill() -> None:
-        """Append two lines, then kill the VMM."""
-        for n in (1, 2):
-            time.sleep(0.3)
+    def write_then_kill(text: str) -> None:
+        """Append a line once the previous one was streamed; kill the VMM after two."""
+        last = f"new {written[-1]}\n" if written else "up\n"
+        if len(written) < 2 and text.endswith(last):
+            written.append(len(written) + 1)
             with open(log, "a") as out:
-                out.write(f"new {n}\n")
-        time.sleep(0.3)
-        os.kill(answer["pid"], signal.SIGKILL)
+                out.write(f"new {written[-1]}\n")
+        elif len(written) == 2 and text.endswith("new 2\n"):
+            written.append(0)
+            os.kill(answer["pid"], signal.SIGKILL)
 
-    writer = threading.Thread(target=write_then_kill)
-    started = time.monotonic()
-    writer.start()
     response = client.get(
-        f"/vms/{answer['id']}/console?follow=1&tail=1&timeout=20", buffered=False
+        f"/vms/{answer['id']}/console?follow=1&tail=1&timeout=3600", buffered=False
     )
-    text = b"".join(response.response).decode()
-    writer.join()
+    text = _read_stream(response, 120, write_then_kill)
     assert text == "vmmgate-guest: up\nnew 1\nnew 2\n"
-    assert time.monotonic() - started < 10
+    assert written == [1, 2, 0]
 
 
-def test_console_follow_stops_after_timeout(client: FlaskClient, kernel: Path) -> None:
-    """A follow of a VM that keeps running ends after ?timeout= seconds."""
-    vm_id = boot(client, kernel)["id"]
-    started = time.monotonic()
-    response = client.get(f"/vms/{vm_id}/console?follow=1&timeout=0.5", buffered=False)
-    assert b"".join(response.response).startswith(b"vmmgate-guest: up")
-    assert 0.4 < time.monotonic() - started < 5
+def test_console_follow_stops_after_timeout(
+    app: Flask, client: FlaskClient, kernel: Path
+) -> None:
+    """A follow of a VM that keeps running streams until ?timeout= and then ends.
+
+    A line written after the first chunk arrived is in the stream (it did not
+    end at once); the stream ends within the bounded wait while the VMM still
+    runs (it ended on its timeout, not on the VM's end).
+    """
+    answer = boot(client, kernel)
+    log = Path(get_service(app).registry.get(answer["id"]).vm_dir) / "console.log"
+    wait_for(log.exists, 10, "the fake's console log")
+    written: list[bool] = []
+
+    def write_once(text: str) -> None:
+        """Append one line once the log's first line was streamed."""
+        if not written and "vmmgate-guest: up" in text:
+            written.append(True)
+            with open(log, "a") as out:
+                out.write("while following\n")
+
+    response = client.get(
+        f"/vms/{answer['id']}/console?follow=1&timeout=3", buffered=False
+    )
+    text = _read_stream(response, 120, write_once)
+    assert text == "vmmgate-guest: up\nwhile following\n"
+    assert rpc.call(answer["port"], "status", timeout=10)["state"] == "running"
 
 
 def test_console_followers_are_bounded(

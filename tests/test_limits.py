@@ -1,8 +1,12 @@
 """Limits (vmmgate.limits) through the Flask test client with the fake VMM.
 
-Two apps on one state directory stand for two gunicorn workers: they share
-nothing but the registry file, as workers do (tests/e2e/test_limits_e2e.py runs
-the same checks through a real gunicorn and real VMs).
+These are unit-level checks of the rules, not of workers: where a test says
+"two workers" it means two Flask apps in this one process on one state
+directory, sharing nothing but the registry file (as workers do), a slot taken
+by hand through the other app's SnapshotSlots, or a dead worker made of a
+registry row holding a pid that has exited. tests/e2e/test_limits_e2e.py runs
+the same rules through a real gunicorn with two worker processes and real
+VMMs, and kills a worker for real.
 """
 
 from __future__ import annotations
@@ -157,10 +161,10 @@ def test_total_memory_refused_with_429(
     assert ok.status_code == 200, ok.get_data(as_text=True)  # 512 + 64 <= 600
 
 
-def test_limits_hold_across_workers(
+def test_limits_hold_across_two_apps(
     make_app: Callable[..., Flask], kernel: Path, state: Path
 ) -> None:
-    """Ten concurrent creates on two apps sharing the registry: exactly the limit succeed."""
+    """Ten concurrent creates on two apps (one process) sharing the registry: exactly the limit."""
     apps = [make_app(VMMGATE_MAX_VMS=3), make_app(VMMGATE_MAX_VMS=3)]
     statuses: list[int] = []
 
@@ -220,7 +224,7 @@ def test_limit_settings_from_the_environment(work: Path) -> None:
 def two_workers(
     make_app: Callable[..., Flask], kernel: Path
 ) -> tuple[Flask, Flask, int]:
-    """Two apps on one registry, and a VM booted through the first (its port)."""
+    """Two apps (in this process) on one registry, and a VM booted through the first."""
     first = make_app(VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2)
     second = make_app(VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2)
     port = first.test_client().post("/create", json=boot_body("vmlinuz")).get_json()
@@ -230,7 +234,7 @@ def two_workers(
 def test_one_snapshot_per_vm_at_a_time(
     two_workers: tuple[Flask, Flask, int], work: Path
 ) -> None:
-    """A snapshot of a VM another worker is snapshotting: 409, nothing written or paused."""
+    """A slot held through the other app: 409, nothing written, the VMM not paused."""
     first, second, port = two_workers
     vm_id = get_service(first).registry.find_live_by_port(port).id  # type: ignore[union-attr]
     slots = get_service(second).guard.slots
@@ -259,10 +263,12 @@ def test_concurrent_snapshots_in_total(
     tokens = [slots.acquire("other-vm-1"), slots.acquire("other-vm-2")]
     try:
         assert_error(
-            first.test_client().post("/snapshot", json=snap_body(port)),
+            first.test_client().post("/snapshot", json=snap_body(port, resume=False)),
             429,
             "VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2",
         )
+        status = rpc.VmmClient(port).status()
+        assert status["state"] == "running" and status["snapshots_taken"] == 0
     finally:
         slots.release(tokens.pop())
     assert (
@@ -274,7 +280,10 @@ def test_concurrent_snapshots_in_total(
 def test_slot_of_a_dead_worker_is_taken_back(
     two_workers: tuple[Flask, Flask, int],
 ) -> None:
-    """A slot whose worker died (pid and start time gone) does not block the VM forever."""
+    """A slot row whose owner pid has exited (written by hand) does not block the VM.
+
+    The worker is not real here; tests/e2e/test_limits_e2e.py kills one.
+    """
     first, _, port = two_workers
     service = get_service(first)
     vm_id = service.registry.find_live_by_port(port).id  # type: ignore[union-attr]

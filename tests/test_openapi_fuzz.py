@@ -4,7 +4,9 @@ The server cannot boot anything: its kernel and snapshot roots are an empty
 directory, so every /create is refused before a VMM is started, and every
 /vms/{vm_id} the fuzzer invents is unknown. Its registry is seeded with VMs
 that have ended (and one whose process is gone), so the list and inspect
-answers carry real VM objects for the schema checks.
+answers carry real VM objects for the schema checks. The fuzzer may DELETE or
+touch those rows, so every test seeds them afresh: no test depends on another
+having run, or not run, before it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ EXAMPLES = 30
 
 
 def _seed(registry: Registry, vms_dir: Path) -> None:
-    """Record three VMs: exited (SIGKILL), failed (unknown status), 'running' but gone."""
+    """Record three VMs: exited (SIGKILL), failed (unknown status), 'running' but gone.
+
+    Rows left by an earlier test (maybe changed or deleted by the fuzzer) are
+    replaced, so each test starts from the same three rows.
+    """
     now = time.time()
     rows: list[dict[str, Any]] = [
         {"state": VmState.EXITED, "exit_status": -9, "exited_at": now},
@@ -65,6 +71,7 @@ def _seed(registry: Registry, vms_dir: Path) -> None:
                 cpu_snapshot_path="/nonexistent/cpu",
                 memory_snapshot_path="/nonexistent/mem",
             )
+        registry.delete(vm_id)
         registry.insert(VmRecord(**values))
 
 
@@ -88,6 +95,13 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     )
     with srv.running():
         yield srv
+
+
+@pytest.fixture
+def seeded(fuzz_server: Server) -> Server:
+    """The fuzz server with its three seeded rows as new (whatever ran before)."""
+    _seed(fuzz_server.registry, fuzz_server.state / "vms")
+    return fuzz_server
 
 
 def _schema(server: Server) -> Any:
@@ -116,11 +130,10 @@ def _schema(server: Server) -> Any:
             409,
         ),
         ("DELETE", "/vms/{vm_id}", "seeded000001", {}, 200),
-        ("GET", "/vms/{vm_id}", "seeded000001", {}, 404),
     ],
 )
 def test_seeded_vms_answer_as_documented(
-    fuzz_server: Server,
+    seeded: Server,
     method: str,
     path: str,
     vm_id: str,
@@ -128,24 +141,38 @@ def test_seeded_vms_answer_as_documented(
     status: int,
 ) -> None:
     """The answers about known VMs (200s and 409s) pass schemathesis' checks too."""
-    operation = _schema(fuzz_server)[path][method]
+    operation = _schema(seeded)[path][method]
     case = operation.Case(path_parameters={"vm_id": vm_id}, **extra)
     response = case.call_and_validate(timeout=30)
     assert response.status_code == status, response.text
 
 
-def test_schemathesis_run_finds_nothing(fuzz_server: Server, tmp_path: Path) -> None:
+def test_deleted_vm_is_404_as_documented(seeded: Server) -> None:
+    """DELETE forgets an ended VM: the next GET is a 404 that passes the checks too."""
+    schema = _schema(seeded)
+    ids = {"vm_id": "seeded000001"}
+    deleted = schema["/vms/{vm_id}"]["DELETE"].Case(path_parameters=ids)
+    assert deleted.call_and_validate(timeout=30).status_code == 200
+    gone = schema["/vms/{vm_id}"]["GET"].Case(path_parameters=ids)
+    response = gone.call_and_validate(timeout=30)
+    assert response.status_code == 404, response.text
+    assert seeded.registry.get("seeded000001") is None
+
+
+def test_schemathesis_run_finds_nothing(seeded: Server, tmp_path: Path) -> None:
     """`schemathesis run`: coverage, fuzzing and stateful phases, a few dozen examples each.
 
     All checks but ``positive_data_acceptance``: a body the schema accepts may
     still name a path outside the roots or a config id above 54, which is a 422
     by design (the schema says what JSON is well formed, not which files exist).
+    Afterwards the server recorded no VM beyond the seeded ones: fuzzing never
+    started a VMM.
     """
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("schemathesis")),
             "run",
-            f"http://127.0.0.1:{fuzz_server.port}/openapi.json",
+            f"http://127.0.0.1:{seeded.port}/openapi.json",
             f"--max-examples={EXAMPLES}",
             "--seed=1",
             "--exclude-checks=positive_data_acceptance",
@@ -161,10 +188,6 @@ def test_schemathesis_run_finds_nothing(fuzz_server: Server, tmp_path: Path) -> 
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     tested = re.search(r"Tested: (\d+)", result.stdout)
     assert tested and int(tested.group(1)) >= 11, result.stdout[-2000:]
-
-
-def test_fuzzing_started_no_vmm(fuzz_server: Server) -> None:
-    """The fuzzed server recorded no VM beyond the seeded ones."""
-    ids = {record.id for record in fuzz_server.registry.list()}
+    ids = {record.id for record in seeded.registry.list()}
     assert all(vm_id.startswith("seeded") for vm_id in ids), ids
-    assert not any((fuzz_server.state / "vms").glob("*/argv.json"))
+    assert not any((seeded.state / "vms").glob("*/argv.json"))
