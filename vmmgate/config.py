@@ -35,6 +35,11 @@ SHIPPED_ROCKET_TOML = state.PROJECT_ROOT / "Rocket.toml"
 
 FLAVORS = ("bundled", "original")
 
+#: One console log segment (console.log, rotated to console.log.1): default and range.
+#: The same numbers bound the VMM (vmmgate.vmm.console), which reads the same variable.
+CONSOLE_MAX_BYTES_DEFAULT = 1 << 20
+CONSOLE_MAX_BYTES_RANGE = (1024, 1 << 30)
+
 #: Every VMMGATE_* setting the app reads, with the meaning documented in docs/http-api.md.
 SETTING_KEYS = (
     "VMMGATE_STATE_DIR",
@@ -49,6 +54,8 @@ SETTING_KEYS = (
     "VMMGATE_DEFAULT_MEMORY_MIB",
     "VMMGATE_DEFAULT_VCPUS",
     "VMMGATE_MAX_BODY_BYTES",
+    "VMMGATE_CONSOLE_MAX_BYTES",
+    "VMMGATE_RPC_PORTS",
     *limits.KEYS,
     *auth.KEYS,
 )
@@ -73,6 +80,10 @@ class Settings:
     default_vcpus: int
     max_body_bytes: int
     cwd: Path
+    #: Cap of one console log segment (VMMGATE_CONSOLE_MAX_BYTES).
+    console_max_bytes: int = CONSOLE_MAX_BYTES_DEFAULT
+    #: The RPC ports VMMs may get, inclusive (VMMGATE_RPC_PORTS), or None: any free port.
+    rpc_ports: tuple[int, int] | None = None
     limits: Limits = field(default_factory=Limits)
     #: The bearer token every request must carry (auth.py), or None.
     token: str | None = field(default=None, repr=False)
@@ -115,6 +126,31 @@ class _Command(fields.Field):
         if not words or not all(isinstance(w, str) and w for w in words):
             raise ValidationError("Expected a non-empty command line.")
         return words
+
+
+class _PortRange(fields.Field):
+    """An inclusive port range ``LOW-HIGH`` (1024..65535), or empty for none."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> tuple[int, int] | None:
+        if value is None or value == "":
+            return None
+        low, sep, high = str(value).partition("-")
+        try:
+            if not sep:
+                raise ValueError
+            bounds = int(low), int(high)
+        except ValueError:
+            raise ValidationError(
+                f"Expected a port range LOW-HIGH (e.g. 20000-20999), not {value!r}."
+            ) from None
+        if not 1024 <= bounds[0] <= bounds[1] <= 65535:
+            raise ValidationError(
+                f"{value!r}: give 1024 <= LOW <= HIGH <= 65535 (ports below 1024 "
+                "are privileged)."
+            )
+        return bounds
 
 
 def _seconds(**kwargs: Any) -> fields.Float:
@@ -166,6 +202,14 @@ class SettingsSchema(Schema):
         load_default=1 << 20,
         validate=validate.Range(min=1024),
     )
+    console_max_bytes = fields.Integer(
+        data_key="VMMGATE_CONSOLE_MAX_BYTES",
+        load_default=CONSOLE_MAX_BYTES_DEFAULT,
+        validate=validate.Range(*CONSOLE_MAX_BYTES_RANGE),
+    )
+    rpc_ports = _PortRange(
+        data_key="VMMGATE_RPC_PORTS", allow_none=True, load_default=None
+    )
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -208,6 +252,8 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         default_vcpus=data["default_vcpus"],
         max_body_bytes=data["max_body_bytes"],
         cwd=cwd,
+        console_max_bytes=data["console_max_bytes"],
+        rpc_ports=data["rpc_ports"],
         limits=limits.load_limits(mapping),
         token=auth.load_token(mapping, cwd),
     )

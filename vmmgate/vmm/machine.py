@@ -1,8 +1,9 @@
 """One QEMU process: its command line, its QMP channel, its RAM, its life and death.
 
 QemuMachine owns the process and everything made for it (guest RAM memfd,
-QMP socket pair, stderr capture). The monitor is one end of a ``socketpair()`` inherited by
-QEMU, so no socket path exists to race on or delete. QEMU gets
+QMP socket pair, serial console socket pair and its log writer, stderr
+capture). The monitor is one end of a ``socketpair()`` inherited by QEMU, so
+no socket path exists to race on or delete. QEMU gets
 ``PR_SET_PDEATHSIG`` so it never outlives this process, even on SIGKILL.
 """
 
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmmgate.vmm.console import DEFAULT_MAX_BYTES, ConsoleLog, ConsolePump
 from vmmgate.vmm.errors import QemuError, QemuLaunchError
 
 # Not `from typing import ...`: typing costs every VMM start ~7 ms, for annotations only.
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 QMP_TIMEOUT = 30.0
+#: How long closing waits for the console thread to write QEMU's last output.
+CONSOLE_DRAIN_S = 2.0
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 _PR_SET_PDEATHSIG = 1
 
@@ -68,6 +72,8 @@ class MachineSpec:
     net: NetSpec
     console_log: Path
     machine: str = "pc"
+    #: Cap of one console log segment (vmmgate.vmm.console); not virtual hardware.
+    console_max_bytes: int = DEFAULT_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ def _set_pdeathsig() -> None:
 
 def build_argv(
     qemu: str, spec: MachineSpec, ram_fd: int, qmp_fd: int,
-    boot: KernelBoot | None, incoming: bool,
+    boot: KernelBoot | None, incoming: bool, console_fd: int,
 ) -> list[str]:  # fmt: skip
     """Return QEMU's command line (no shell is ever involved)."""
     size = f"{spec.memory_mib}M"
@@ -146,7 +152,9 @@ def build_argv(
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-sandbox", SANDBOX,
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
-        "-chardev", f"file,id=ser0,path={spec.console_log}", "-serial", "chardev:ser0",
+        # The serial port is a connected socket this process reads (console.py):
+        # a capped, rotated log instead of a file QEMU would grow forever.
+        "-chardev", f"socket,id=ser0,fd={console_fd}", "-serial", "chardev:ser0",
     ]  # fmt: skip
     if spec.net.mode == "user":
         argv += ["-netdev", user_netdev(spec.net)]
@@ -187,6 +195,8 @@ class QemuMachine:
         self._qmp: QEMUMonitorProtocol | None = None
         self._qmp_sock: socket.socket | None = None
         self._stderr = os.memfd_create("qemu-stderr", os.MFD_CLOEXEC)
+        self.console: ConsoleLog | None = None
+        self._console_pump: ConsolePump | None = None
         self.exit_code: int | None = None
 
     @property
@@ -205,8 +215,23 @@ class QemuMachine:
             raise QemuError("this QEMU machine was already launched")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
+        serial_ours, serial_theirs = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_STREAM
+        )
+        try:
+            self.console = ConsoleLog(
+                self.spec.console_log, self.spec.console_max_bytes
+            )
+        except OSError as exc:
+            for sock in (ours, theirs, serial_ours, serial_theirs):
+                sock.close()
+            raise QemuLaunchError(f"cannot open the console log: {exc}", exit_code=None,
+                                  argv=[], log_tail="") from exc  # fmt: skip
+        # Reading starts before QEMU does: the guest never waits on its console.
+        self._console_pump = ConsolePump(serial_ours, self.console)
+        self._console_pump.start()
         self.argv = build_argv(self.qemu, self.spec, self.ram_fd, theirs.fileno(), self.boot,
-                               self.incoming)  # fmt: skip
+                               self.incoming, serial_theirs.fileno())  # fmt: skip
         log.debug("starting QEMU: %s", self.argv)
         setpriv = shutil.which("setpriv")
         try:
@@ -215,7 +240,7 @@ class QemuMachine:
             self._proc = subprocess.Popen(
                 [setpriv, "--pdeathsig", "KILL", "--", *self.argv] if setpriv else self.argv,
                 stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
-                pass_fds=(theirs.fileno(), self.ram_fd),
+                pass_fds=(theirs.fileno(), self.ram_fd, serial_theirs.fileno()),
                 preexec_fn=None if setpriv else _set_pdeathsig,  # noqa: PLW1509 - fallback only
             )  # fmt: skip
         except OSError as exc:
@@ -223,7 +248,9 @@ class QemuMachine:
             raise QemuLaunchError(f"cannot run {self.qemu}: {exc}", exit_code=None,
                                   argv=self.argv, log_tail="") from exc  # fmt: skip
         finally:
+            # QEMU has its copies; ours would keep the console from ever seeing EOF.
             theirs.close()
+            serial_theirs.close()
 
     def connect(self) -> None:
         """Connect to the started QEMU's monitor; on failure kill it and raise with evidence."""
@@ -282,6 +309,7 @@ class QemuMachine:
         if self._proc is not None:
             self.exit_code = self._proc.wait()
         self._close_qmp()
+        self._close_console()
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop QEMU: ask (QMP quit), wait, then kill. Safe when nothing runs."""
@@ -312,6 +340,14 @@ class QemuMachine:
                 qmp.close()
             except Exception as exc:  # noqa: BLE001 - the peer is gone; nothing to close cleanly
                 log.debug("closing QMP: %r", exc)
+
+    def _close_console(self) -> None:
+        """Let the console thread write QEMU's last output, then close it (QEMU is gone)."""
+        if self._console_pump is not None:
+            pump, self._console_pump = self._console_pump, None
+            pump.join(CONSOLE_DRAIN_S)
+        elif self.console is not None:
+            self.console.close()
 
     def close(self) -> None:
         """Shut down and release guest RAM and the stderr capture."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vmmgate.vmm import accel as accel_mod
+from vmmgate.vmm import console as console_mod
 from vmmgate.vmm import migration, ramcopy
 from vmmgate.vmm.errors import Conflict, InvalidRequest
 from vmmgate.vmm.machine import (
@@ -69,6 +70,14 @@ def check_tap(name: str) -> None:
         )
 
 
+def console_cap() -> int:
+    """Return the console segment cap (VMMGATE_CONSOLE_MAX_BYTES); InvalidRequest if invalid."""
+    try:
+        return console_mod.max_bytes_from_env()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
 def network_for(tap: str | None, net_mode: str, guest_ip: str | None = None) -> NetSpec:
     """Return the network card for a new VM (``guest_ip``: its static address, if known)."""
     if tap:
@@ -104,7 +113,8 @@ class VirtualMachine:
         machine_accel = accel_mod.choose_accel(accel, find_qemu(), boot.kernel)
         net = network_for(tap, net_mode, guest_ip)
         spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=machine_accel, net=net,
-                           console_log=console_log)  # fmt: skip
+                           console_log=console_log,
+                           console_max_bytes=console_cap())  # fmt: skip
         machine = QemuMachine(spec, boot=boot)
         try:
             machine.launch()
@@ -128,6 +138,7 @@ class VirtualMachine:
                 memory_mib=header.memory_mib, vcpus=header.vcpus,
                 accel=accel_mod.choose_accel(wanted, find_qemu(), None), net=net,
                 console_log=console_log, machine=header.machine,
+                console_max_bytes=console_cap(),
             )  # fmt: skip
             machine = QemuMachine(spec, incoming=True)
             try:
@@ -259,6 +270,7 @@ class VirtualMachine:
     def status(self) -> dict:
         """Describe the VM for the ``status`` RPC."""
         spec = self.machine.spec
+        console = self.machine.console
         origin = {k: v for k, v in vars(self.origin).items() if v is not None}
         return {
             "state": self.state.value,
@@ -272,6 +284,11 @@ class VirtualMachine:
             "ssh_port": spec.net.ssh_port,
             "guest_ip": spec.net.guest_ip,
             "console_log": str(spec.console_log),
+            "console_max_bytes": spec.console_max_bytes,
+            # Everything the guest printed since this VMM started (also what
+            # rotation dropped), and what a write error (a full disk) lost.
+            "console_bytes": console.received if console else 0,
+            "console_dropped": console.dropped if console else 0,
             "origin": origin,
             "uptime_s": round(time.time() - self.started, 3),
             "snapshots_taken": self.snapshots_taken,
