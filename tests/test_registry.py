@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -13,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from vmmgate.registry import (
+    SCHEMA_VERSION,
+    NewerSchema,
     PortTaken,
     Registry,
     VmKind,
@@ -57,12 +61,86 @@ def _record(port: int, **changes: object) -> VmRecord:
 
 
 def test_create_is_idempotent_and_uses_wal(registry: Registry) -> None:
-    """Creating twice is harmless; the journal is WAL for concurrent workers."""
+    """Creating again keeps every row as it was; the journal is WAL for concurrent workers."""
+    live = _record(4000)
+    ended = _record(4001)
+    registry.insert(live)
+    registry.insert(ended)
+    registry.mark_ended(ended.id, VmState.EXITED, 3)
+    before = registry.list()
+    assert [r.id for r in before] == [live.id, ended.id]
     registry.create()
-    import sqlite3
-
+    # A second Registry object (another worker) creating it too changes nothing either.
+    Registry(registry.path).create()
+    assert registry.list() == before
+    assert registry.get(ended.id).exit_status == 3
     with sqlite3.connect(registry.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def _newer_registry(path: Path, version: int) -> str:
+    """Write a registry file as a newer vmmgate would (WAL, a row, ``version``); return its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE vms (id TEXT PRIMARY KEY, future_column BLOB)")
+    db.execute("INSERT INTO vms VALUES ('vm-of-the-future', x'00ff')")
+    db.execute(f"PRAGMA user_version = {version}")
+    db.commit()
+    db.close()  # the last connection checkpoints: everything is in the main file
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    """A file from a newer vmmgate is refused, naming file, versions and a way out; not a byte changes."""
+    path = tmp_path / "state" / "registry.sqlite3"
+    newer = SCHEMA_VERSION + 1
+    digest = _newer_registry(path, newer)
+    mtime = path.stat().st_mtime_ns
+    with pytest.raises(NewerSchema) as refused:
+        Registry(path).create()
+    message = str(refused.value)
+    assert str(path) in message
+    assert f"schema version {newer}" in message
+    assert f"this vmmgate's version {SCHEMA_VERSION}" in message
+    assert "VMMGATE_STATE_DIR" in message and "untouched" in message
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert path.stat().st_mtime_ns == mtime
+    # Not even a journal was made next to it.
+    assert sorted(os.listdir(path.parent)) == ["registry.sqlite3"]
+
+
+def test_newer_schema_still_in_the_write_ahead_log_is_refused(tmp_path: Path) -> None:
+    """A newer version a writer has not checkpointed yet (only in the -wal file) is seen too."""
+    path = tmp_path / "registry.sqlite3"
+    _newer_registry(path, SCHEMA_VERSION)
+    writer = sqlite3.connect(path)
+    try:
+        # Keep the change in the WAL: the main file's header still says SCHEMA_VERSION.
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+        writer.commit()
+        header = path.read_bytes()[60:64]
+        assert int.from_bytes(header, "big") == SCHEMA_VERSION
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        with pytest.raises(NewerSchema, match=f"schema version {SCHEMA_VERSION + 5}"):
+            Registry(path).create()
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    finally:
+        writer.close()
+
+
+def test_this_versions_own_file_is_opened(tmp_path: Path) -> None:
+    """The refusal is for newer files only: a file of this version opens and keeps its rows."""
+    registry = Registry(tmp_path / "registry.sqlite3")
+    registry.create()
+    record = _record(4100)
+    registry.insert(record)
+    registry.close()
+    reopened = Registry(registry.path)
+    reopened.create()
+    assert reopened.get(record.id) == record
 
 
 def test_insert_get_and_lifecycle(registry: Registry) -> None:

@@ -20,6 +20,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from vmmgate.errors import ConfigError
+
 BUSY_TIMEOUT_S = 10.0
 SCHEMA_VERSION = 2
 
@@ -71,6 +73,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS vms_live_port ON vms (port) WHERE state IN {_L
 CREATE INDEX IF NOT EXISTS vms_state ON vms (state);
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+
+
+class NewerSchema(ConfigError):
+    """The registry file was written by a newer vmmgate: refused, never modified."""
+
+    def __init__(self, path: Path, found: int) -> None:
+        self.path = path
+        self.found = found
+        super().__init__(
+            f"The registry {path} has schema version {found}, newer than this vmmgate's "
+            f"version {SCHEMA_VERSION}: it was written by a newer vmmgate. It is left "
+            "untouched. Run that newer vmmgate on this state directory, or give this one "
+            "another VMMGATE_STATE_DIR (an older vmmgate cannot read the newer format)."
+        )
 
 
 class PortTaken(Exception):
@@ -160,13 +176,45 @@ class Registry:
         self._local = threading.local()
 
     def create(self) -> None:
-        """Create the file and schema (idempotent, safe from several workers at once)."""
+        """Create the file and schema (idempotent, safe from several workers at once).
+
+        Raise NewerSchema, before anything writes to the file, if a newer vmmgate made it.
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.check_version()
         with self._connect() as db:
             # WAL lets every worker read while one writes; it persists in the file.
             db.execute("PRAGMA journal_mode = WAL")
             db.executescript(_SCHEMA)
             _add_missing_columns(db)
+
+    def check_version(self) -> None:
+        """Raise NewerSchema if the file's ``user_version`` is above SCHEMA_VERSION.
+
+        The version is read from the file's header (bytes 60..63) without SQLite,
+        so a refused file stays byte-identical and no -wal/-shm file appears. Only
+        when a write-ahead log exists (a newer version may sit there, not yet
+        checkpointed) is it asked on a read-only connection, which never writes
+        the database file.
+        """
+        try:
+            with open(self.path, "rb") as db_file:
+                header = db_file.read(100)
+        except FileNotFoundError:
+            return
+        found = 0
+        if len(header) == 100 and header.startswith(b"SQLite format 3\0"):
+            found = int.from_bytes(header[60:64], "big", signed=True)
+        wal = self.path.with_name(self.path.name + "-wal")
+        if found <= SCHEMA_VERSION and wal.exists() and wal.stat().st_size > 0:
+            uri = f"{self.path.absolute().as_uri()}?mode=ro"
+            db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S)
+            try:
+                found = db.execute("PRAGMA user_version").fetchone()[0]
+            finally:
+                db.close()
+        if found > SCHEMA_VERSION:
+            raise NewerSchema(self.path, found)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
