@@ -22,7 +22,8 @@ to HTTP statuses lives in one place, :mod:`vmmgate.http_errors`.
     ├── VmConflict                  the VM is in the wrong state          409
     │   └── SnapshotInProgress      another snapshot of this VM is running
     ├── LimitExceeded               a configured limit would be exceeded  429
-    ├── InsufficientStorage         too little free disk for a snapshot   507
+    ├── InsufficientStorage         too little free disk (snapshot/state)  507
+    ├── StateDirUnusable            the state directory cannot be written 503
     ├── LaunchError                 a VMM could not be started
     │   ├── VmmStartError           it died at start (exit code, argv, log)
     │   ├── VmmReadyTimeout         it did not become ready in time       504
@@ -139,7 +140,15 @@ class LimitExceeded(VmmgateError):
 
 
 class InsufficientStorage(VmmgateError):
-    """A snapshot target's file system has too little free space."""
+    """A snapshot target's, or the state directory's, file system has too little free space."""
+
+
+class StateDirUnusable(VmmgateError):
+    """The server's state directory cannot be written (a read-only file system...).
+
+    The host's condition, not the caller's fault: nothing can be created until an
+    operator fixes it.
+    """
 
 
 class LaunchError(VmmgateError):

@@ -16,15 +16,18 @@ status in the registry.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,11 +35,13 @@ from typing import Any
 from vmmgate import starter, state
 from vmmgate.config import Settings
 from vmmgate.errors import (
+    InsufficientStorage,
     LimitExceeded,
     NoFreePort,
     RpcConnectionLost,
     RpcTimeout,
     RpcUnreachable,
+    StateDirUnusable,
     UnsupportedOption,
     VmmReadyTimeout,
     VmmRefusedInput,
@@ -67,6 +72,10 @@ PROBE_INTERVAL_S = 1.0
 VMM_BAD_INPUT = 4
 #: How the bundled VMM logs why it refused to start.
 _REFUSAL_MARK = "cannot start the VM: "
+#: Free space a launch needs in the state directory: the run directory, the VMM's
+#: log and console log, the registry row. Below it nothing is created.
+STATE_MIN_FREE_MIB = 8
+_MIB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -269,11 +278,15 @@ class VmmProcess:
         return tail(self.files.vmm_log)
 
 
-def _listening_socket() -> socket.socket:
-    """Return a TCP socket bound to 127.0.0.1 on a kernel-chosen port, listening."""
+def _listening_socket(port: int = 0) -> socket.socket:
+    """Return a TCP socket bound to 127.0.0.1:``port`` (0: the kernel picks), listening."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        sock.bind((HOST, 0))
+        if port:
+            # A port an ended VMM had may still have connections in TIME_WAIT;
+            # that must not keep it from being reused (a listener still blocks it).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((HOST, port))
         sock.listen(128)
     except OSError:
         sock.close()
@@ -310,6 +323,7 @@ class Launcher:
     def launch(self, spec: LaunchSpec) -> VmRecord:
         """Start a VMM for ``spec``, wait until it answers, and return its record."""
         self.check_supported(spec)
+        check_state_dir(self.settings.vms_dir)
         if spec.kind is VmKind.BOOT and self.settings.vmm_flavor == "bundled":
             spec = replace(
                 spec,
@@ -324,26 +338,64 @@ class Launcher:
         """Pick a VM id and make its run directory (with the start-up script, if any)."""
         vm_id = new_vm_id()
         files = RunFiles(self.settings.vms_dir / vm_id)
-        files.vm_dir.mkdir(parents=True, mode=0o700)
-        if spec.starter is not None:
-            starter.write(spec.starter, files.starter_file)
+        try:
+            files.vm_dir.mkdir(parents=True, mode=0o700)
+            if spec.starter is not None:
+                starter.write(spec.starter, files.starter_file)
+        except OSError as exc:
+            # Full or read-only since the check: leave no half-made run directory.
+            shutil.rmtree(files.vm_dir, ignore_errors=True)
+            raise state_dir_error(self.settings.vms_dir, exc) from exc
         return vm_id, files
+
+    def _candidate_ports(self) -> Iterator[int]:
+        """Yield the RPC ports to try: 0 (kernel's choice) a few times, or each port of the range.
+
+        A range is walked once from a random port, so workers launching at the
+        same time rarely try the same port first.
+        """
+        if self.settings.rpc_ports is None:
+            yield from [0] * PORT_ATTEMPTS
+            return
+        low, high = self.settings.rpc_ports
+        count = high - low + 1
+        first = random.randrange(count)
+        for i in range(count):
+            yield low + (first + i) % count
+
+    def _no_free_port(self) -> NoFreePort:
+        """Return the 503 error saying why no RPC port could be had."""
+        if self.settings.rpc_ports is None:
+            return NoFreePort(
+                f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts."
+            )
+        low, high = self.settings.rpc_ports
+        return NoFreePort(
+            f"No RPC port is free in VMMGATE_RPC_PORTS={low}-{high} "
+            f"({high - low + 1} ports): each is held by a live VM or another process. "
+            "Stop a VM, or widen the range."
+        )
 
     def _launch_with_socket(self, spec: LaunchSpec) -> VmRecord:
         """Bundled VMM: hand it an already listening socket."""
         vm_id, files = self._prepare(spec)
         held: list[socket.socket] = []
         try:
-            for _ in range(PORT_ATTEMPTS):
-                sock = _listening_socket()
+            for candidate in self._candidate_ports():
+                try:
+                    sock = _listening_socket(candidate)
+                except OSError as exc:
+                    if not candidate:  # the kernel had no port to give: nothing to try
+                        raise self._no_free_port() from exc
+                    continue  # in use (EADDRINUSE): the next port of the range
                 held.append(sock)
                 port = sock.getsockname()[1]
                 if self._reserve(vm_id, spec, files, port):
                     break
             else:
-                raise NoFreePort(
-                    f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts."
-                )
+                # Nothing half-created: no row, no process, no run directory.
+                shutil.rmtree(files.vm_dir, ignore_errors=True)
+                raise self._no_free_port()
             fd = sock.fileno()
             argv = build_argv(
                 self.settings.vmm_command, "bundled", spec, port, files, listen_fd=fd
@@ -379,15 +431,19 @@ class Launcher:
 
     def _free_port(self, vm_id: str, spec: LaunchSpec, files: RunFiles) -> int:
         """Pick a port the kernel says is free and reserve it in the registry."""
-        for _ in range(PORT_ATTEMPTS):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-                probe.bind((HOST, 0))
-                port = probe.getsockname()[1]
+        for candidate in self._candidate_ports():
+            if candidate:
+                if not _port_is_free(candidate):
+                    continue
+                port = candidate
+            else:
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                    probe.bind((HOST, 0))
+                    port = probe.getsockname()[1]
             if self._reserve(vm_id, spec, files, port):
                 return port
-        raise NoFreePort(
-            f"No RPC port could be reserved after {PORT_ATTEMPTS} attempts."
-        )
+        shutil.rmtree(files.vm_dir, ignore_errors=True)
+        raise self._no_free_port()
 
     def _reserve(
         self, vm_id: str, spec: LaunchSpec, files: RunFiles, port: int
@@ -427,6 +483,10 @@ class Launcher:
                 # Nothing half-created: no row, no process, no run directory.
                 shutil.rmtree(files.vm_dir, ignore_errors=True)
                 raise
+            except sqlite3.Error as exc:
+                # The registry file cannot take the row (disk full, read-only): same.
+                shutil.rmtree(files.vm_dir, ignore_errors=True)
+                raise registry_error(self.registry.path, exc) from exc
             except PortTaken as taken:
                 holder = taken.holder
                 if holder is None or self.is_alive(holder):
@@ -454,6 +514,8 @@ class Launcher:
         """Return the VMM's environment: ours, plus where the state and the package are."""
         env = dict(os.environ)
         env["VMMGATE_STATE_DIR"] = str(self.settings.state_dir)
+        # The bundled VMM caps its console log segments by this (vmmgate.vmm.console).
+        env["VMMGATE_CONSOLE_MAX_BYTES"] = str(self.settings.console_max_bytes)
         root = str(state.PROJECT_ROOT)
         path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = root if not path else f"{root}{os.pathsep}{path}"
@@ -559,6 +621,66 @@ class Launcher:
             except (RpcUnreachable, RpcConnectionLost):
                 # Refused or reset: the VMM is probably dying; give the reaper a moment.
                 process.wait_exit(min(0.2, probe))
+
+
+def check_state_dir(directory: Path) -> None:
+    """Refuse a launch before anything is created if ``directory`` cannot hold a VM.
+
+    Without this, a full state directory fails somewhere in the middle (a run
+    directory made, no registry row, a VMM writing no log) or not at all.
+    """
+    try:
+        stats = os.statvfs(directory)
+    except OSError as exc:
+        raise state_dir_error(directory, exc) from exc
+    if stats.f_flag & os.ST_RDONLY or not os.access(directory, os.W_OK | os.X_OK):
+        what = (
+            "is on a read-only file system"
+            if stats.f_flag & os.ST_RDONLY
+            else "is not writable by the server"
+        )
+        raise StateDirUnusable(
+            f"The state directory {str(directory)!r} {what}; no VM can be created "
+            "until it is writable again (VMMGATE_STATE_DIR)."
+        )
+    free = stats.f_bavail * stats.f_frsize
+    if free < STATE_MIN_FREE_MIB * _MIB or stats.f_favail == 0:
+        left = f"{free // _MIB} MiB" if stats.f_favail else "no inodes"
+        raise InsufficientStorage(
+            f"Not enough free space in the state directory {str(directory)!r} to "
+            f"create a VM: {left} free, at least {STATE_MIN_FREE_MIB} MiB needed for its "
+            "run directory and logs; free some space there (VMMGATE_STATE_DIR)."
+        )
+
+
+def state_dir_error(
+    directory: Path, exc: OSError
+) -> InsufficientStorage | StateDirUnusable:
+    """Return the error to answer for ``exc`` hit while writing under ``directory``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage(
+            f"No space left in the state directory {str(directory)!r}: {exc.strerror}; "
+            "free some space there (VMMGATE_STATE_DIR). Nothing was created."
+        )
+    return StateDirUnusable(
+        f"Cannot write in the state directory {str(directory)!r}: "
+        f"{exc.strerror or exc}. Nothing was created."
+    )
+
+
+def registry_error(
+    path: Path, exc: sqlite3.Error
+) -> InsufficientStorage | StateDirUnusable:
+    """Return the error to answer for a registry write SQLite refused."""
+    text = str(exc)
+    if "full" in text.lower():
+        return InsufficientStorage(
+            f"No space left for the registry {str(path)!r} ({text}); free some space in "
+            "the state directory (VMMGATE_STATE_DIR). Nothing was created."
+        )
+    return StateDirUnusable(
+        f"The registry {str(path)!r} cannot be written ({text}). Nothing was created."
+    )
 
 
 def _refusal(log_tail: str) -> str:

@@ -18,6 +18,7 @@ imported: it picks its storage once, at import.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    mmap_dict,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -42,6 +44,8 @@ if TYPE_CHECKING:
     from flask import Flask, Response
 
     from vmmgate.lifecycle import VmLifecycle
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 #: Whether counters are shared through files (decided when prometheus-client was imported).
@@ -87,6 +91,57 @@ HTTP_SECONDS = Histogram(
     registry=_OWN,
 )
 
+
+def _allocate(path: str, size: int) -> None:
+    """Give the first ``size`` bytes of ``path`` real blocks (ENOSPC here, not later)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+class _AllocatedMmapedDict(mmap_dict.MmapedDict):
+    """prometheus-client's metric file, with its blocks allocated before they are mapped.
+
+    The library sizes the file with ``truncate`` (a hole) and writes through
+    ``mmap``: on a full disk that write is a SIGBUS, which kills the worker in
+    the middle of a request. Allocating first turns it into an OSError.
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode and (
+            not os.path.exists(filename) or os.path.getsize(filename) == 0
+        ):
+            _allocate(filename, mmap_dict._INITIAL_MMAP_SIZE)
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key: str) -> None:
+        """Allocate the room a new entry needs before the library maps and writes it."""
+        need = self._used + len(key.encode("utf-8")) + 32  # length, padding, 2 doubles
+        capacity = self._capacity
+        while need > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            os.posix_fallocate(self._f.fileno(), 0, capacity)
+        super()._init_value(key)
+
+
+if MULTIPROCESS:
+    from prometheus_client import values
+
+    values.MmapedDict = _AllocatedMmapedDict  # type: ignore[misc]
+
+
+@contextmanager
+def _tolerant() -> Iterator[None]:
+    """Let a metric that cannot be stored (disk full) never fail the request it counts."""
+    try:
+        yield
+    except OSError as exc:
+        log.warning("a metric was not recorded: %s", exc)
+
+
 OPERATION_NAMES = ("boot", "restore", "snapshot", "pause", "resume", "stop")
 #: Methods counted by name; any other (a client may send anything) counts as "other".
 HTTP_METHODS = frozenset(
@@ -101,13 +156,16 @@ def observe(operation: str) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        OPERATIONS.labels(operation, "error").inc()
-        OPERATION_ERRORS.labels(operation, type(exc).__name__).inc()
+        with _tolerant():
+            OPERATIONS.labels(operation, "error").inc()
+            OPERATION_ERRORS.labels(operation, type(exc).__name__).inc()
         raise
     else:
-        OPERATIONS.labels(operation, "ok").inc()
+        with _tolerant():
+            OPERATIONS.labels(operation, "ok").inc()
     finally:
-        OPERATION_SECONDS.labels(operation).observe(time.perf_counter() - start)
+        with _tolerant():
+            OPERATION_SECONDS.labels(operation).observe(time.perf_counter() - start)
 
 
 class _Forward(Collector):
@@ -168,8 +226,11 @@ def init_app(app: Flask) -> None:
         """Count the answered request by its route template (bounded labels)."""
         route = request.url_rule.rule if request.url_rule is not None else "unmatched"
         method = request.method if request.method in HTTP_METHODS else "other"
-        HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
-        started = g.get("vmmgate_started")
-        if started is not None:
-            HTTP_SECONDS.labels(method, route).observe(time.perf_counter() - started)
+        with _tolerant():
+            HTTP_REQUESTS.labels(method, route, str(response.status_code)).inc()
+            started = g.get("vmmgate_started")
+            if started is not None:
+                HTTP_SECONDS.labels(method, route).observe(
+                    time.perf_counter() - started
+                )
         return response
