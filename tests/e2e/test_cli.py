@@ -12,8 +12,16 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, KERNEL, UP_LINE
+from tests.guestcheck import assert_restored_continues
 from tests.server import Server, wait_for
+from vmmgate import rpc
 from vmmgate.state import PROJECT_ROOT
+
+
+def command(server: Server, *args: str) -> list[str]:
+    """Return the argv of ``vmmgate --url <server> ARGS``."""
+    url = f"http://127.0.0.1:{server.port}"
+    return [sys.executable, "-m", "vmmgate.cli", "--url", url, *args]
 
 
 def vmmgate(
@@ -21,14 +29,7 @@ def vmmgate(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m vmmgate.cli --url <server> ARGS`` from the repository root."""
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "vmmgate.cli",
-            "--url",
-            f"http://127.0.0.1:{server.port}",
-            *args,
-        ],
+        command(server, *args),
         cwd=PROJECT_ROOT,
         check=False,
         capture_output=True,
@@ -43,6 +44,45 @@ def vmmgate(
 def as_json(server: Server, *args: str) -> Any:
     """Run a command with --json and parse its output."""
     return json.loads(vmmgate(server, "--json", *args).stdout)
+
+
+def follow_until_counter_above(server: Server, vm_id: str, value: int) -> int:
+    """Run ``vmmgate console --follow --tail 0`` until it prints a counter above ``value``."""
+    follower = subprocess.Popen(
+        command(
+            server,
+            "console",
+            vm_id,
+            "--follow",
+            "--tail",
+            "0",
+            "--timeout",
+            str(BOOT_TIMEOUT),
+        ),
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        # Bounded by --timeout: the server ends the stream, and the command exits.
+        for line in follower.stdout:
+            found = COUNTER.search(line.rstrip("\n"))
+            if found and int(found.group(1)) > value:
+                return int(found.group(1))
+        raise AssertionError(
+            f"`vmmgate console --follow` showed no counter above {value}"
+        )
+    finally:
+        follower.terminate()  # the process this test started, by its pid
+        follower.wait(30)
+        follower.stdout.close()
+
+
+def counters(text: str) -> list[int]:
+    """Return the counters in a console text."""
+    return [int(n) for n in COUNTER.findall(text)]
 
 
 def test_cli_boot_snapshot_restore_stop(server: Server, snapshots: Path) -> None:
@@ -71,12 +111,22 @@ def test_cli_boot_snapshot_restore_stop(server: Server, snapshots: Path) -> None
         )
 
         cpu, memory = snapshots / "cpu.snap", snapshots / "mem.snap"
+        record = server.registry.get(vm_id)
+        assert record is not None
+        log = Path(record.vm_dir) / "console.log"
+        before = counters(log.read_text(errors="replace"))[-1]
         taken = vmmgate(server, "snapshot", vm_id, str(cpu), str(memory), "--pause")
         assert (
             "Snapshot taken successfully" in taken.stdout and "paused" in taken.stdout
         )
+        port = booted["port"]
+        assert rpc.call(port, "status", timeout=10)["state"] == "paused"
         assert as_json(server, "show", vm_id)["state"] == "paused"
+        # The window the restore's first counter must be in (+2: a line the pause cut).
+        text = log.read_text(errors="replace")
+        high = counters(text)[-1] + (1 if text.endswith("\n") else 2)
         assert as_json(server, "resume", vm_id)["state"] == "running"
+        assert rpc.call(port, "status", timeout=10)["state"] == "running"
         refused = vmmgate(server, "resume", vm_id, check=False)
         assert refused.returncode == 1 and "409 Conflict" in refused.stderr
 
@@ -84,11 +134,21 @@ def test_cli_boot_snapshot_restore_stop(server: Server, snapshots: Path) -> None
         restored_id = restored["id"]
         shown = as_json(server, "show", restored_id)
         assert shown["kind"] == "restore" and shown["cpu_snapshot_path"] == str(cpu)
-        assert as_json(server, "pause", restored_id)["state"] == "paused"
-        followed = vmmgate(
-            server, "console", vm_id, "--follow", "--tail", "0", "--timeout", "2"
+        # The snapshot's run goes on (`vmmgate console` shows it), not a fresh boot.
+        restored_text = wait_for(
+            lambda: (
+                (out := vmmgate(server, "console", restored_id).stdout)
+                and COUNTER.search(out)
+                and out
+            ),
+            BOOT_TIMEOUT,
+            "the restored guest to count",
         )
-        assert COUNTER.search(followed.stdout)
+        assert_restored_continues(restored_text, before + 1, high)
+        assert as_json(server, "pause", restored_id)["state"] == "paused"
+        assert rpc.call(restored["port"], "status", timeout=10)["state"] == "paused"
+        seen = counters(vmmgate(server, "console", vm_id).stdout)[-1]
+        assert follow_until_counter_above(server, vm_id, seen) > seen
 
         stopped = vmmgate(server, "stop", restored_id).stdout
         assert restored_id in stopped and "exit status 0" in stopped

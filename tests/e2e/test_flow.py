@@ -14,6 +14,11 @@ from tests.e2e.conftest import (
     restore_body,
     snapshot_body,
 )
+from tests.e2e.support import (
+    assert_restore_continues,
+    counter_window_after,
+    last_counter,
+)
 from tests.server import Server, wait_for
 from vmmgate import rpc
 
@@ -69,9 +74,10 @@ def test_snapshot_with_resume_leaves_the_source_running(
 def test_restored_vm_can_be_snapshotted_and_restored_again(
     server: Server, vms: Callable[..., Vm], snapshots: Path
 ) -> None:
-    """A snapshot restores many times; a restored VM can be snapshotted again."""
+    """A snapshot restores many times (each copy goes on from the same counter); a
+    restored VM can be snapshotted again, and that snapshot goes on from the copy's."""
     vm = vms(boot_body())
-    vm.wait_counter_above(1)
+    before = vm.wait_counter_above(1)
     first = snapshots / "1"
     first.mkdir()
     assert (
@@ -80,17 +86,21 @@ def test_restored_vm_can_be_snapshotted_and_restored_again(
         ).status
         == 200
     )
+    window = counter_window_after(vm, before, paused=True)
     copies = [vms(restore_body(first / "c", first / "m")) for _ in range(2)]
-    for copy in copies:
-        copy.wait_counter_above(0)
+    starts = [assert_restore_continues(copy, *window) for copy in copies]
+    assert starts[0] == starts[1], f"two restores of one pair differ: {starts}"
     second = snapshots / "2"
     second.mkdir()
+    before = last_counter(copies[0])
     response = server.post(
         "/snapshot", snapshot_body(copies[0].port, second / "c", second / "m", True)
     )
     assert response.status == 200, response.text
+    window = counter_window_after(copies[0], before, paused=False)
     again = vms(restore_body(second / "c", second / "m"))
-    again.wait_counter_above(0)
+    # The copy's own run, not the first pair's: the window starts past the copy's counter.
+    assert_restore_continues(again, *window)
 
 
 def test_boot_with_config_runs_the_start_up_script(

@@ -22,6 +22,9 @@ from tests.e2e.conftest import GUEST, Vm, boot_body, restore_body, snapshot_body
 from tests.e2e.support import (
     VmFactory,
     assert_error,
+    assert_restore_continues,
+    counter_window_after,
+    last_counter,
     vmm_status,
     wait_recorded_exited,
 )
@@ -29,7 +32,6 @@ from tests.server import Response, Server, make_server, processes_under
 from tests.snapfiles import make_pair
 from vmmgate import rpc
 from vmmgate.limits import Limits, SnapshotSlots
-from vmmgate.registry import LIVE_STATES
 
 pytestmark = pytest.mark.e2e
 
@@ -73,10 +75,14 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def factory(guarded: Server) -> Iterator[VmFactory]:
-    """VMs created with the token; all stopped at the module's end."""
-    made = VmFactory(guarded, token=TOKEN)
+    """VMs created with the token; all stopped and forgotten at the test's end.
+
+    Per test, and through DELETE: with at most two VMs, each test needs a server
+    with none of another test's VMs, rows or run dirs left.
+    """
+    made = VmFactory(guarded, token=TOKEN, forget=True)
     yield made
     made.stop_all()
 
@@ -97,13 +103,14 @@ def test_token_required_on_every_route_but_healthz(
     guarded: Server, token: str | None
 ) -> None:
     """401, reason "Unauthorized", a Bearer challenge; /healthz stays open."""
+    rows = {row.id for row in guarded.registry.list()}
     for method, path in ROUTES:
         response = call(guarded, method, path, token)
         assert_error(response, 401, "bearer token")
         assert response.json["error"]["reason"] == "Unauthorized"
         assert response.headers["WWW-Authenticate"].startswith('Bearer realm="vmmgate"')
     assert call(guarded, "GET", "/healthz", token).status != 401
-    assert guarded.registry.list() == []
+    assert {row.id for row in guarded.registry.list()} == rows  # nothing created
 
 
 def test_vm_limit_holds_across_workers(guarded: Server, factory: VmFactory) -> None:
@@ -129,7 +136,8 @@ def test_vm_limit_holds_across_workers(guarded: Server, factory: VmFactory) -> N
             assert record is not None
             factory.created.append(Vm(answer.json["pid"], port, record))
     rows = guarded.registry.list()
-    assert len(rows) == 2 and all(r.state in LIVE_STATES for r in rows)
+    assert len(rows) == 2  # no row left half-created by a refusal
+    assert [vmm_status(vm)["state"] for vm in factory.created] == ["running"] * 2
     assert sorted(os.listdir(guarded.state / "vms")) == sorted(r.id for r in rows)
     vmms = {
         pid
@@ -142,8 +150,7 @@ def test_vm_limit_holds_across_workers(guarded: Server, factory: VmFactory) -> N
 def test_snapshot_limits_and_memory_limit(guarded: Server, factory: VmFactory) -> None:
     """The right token snapshots; a VM being snapshotted is 409, another over the total 429;
     a restore over the memory limit is 429; nothing half-created, no VM left paused."""
-    assert len(factory.created) == 2, "needs test_vm_limit_holds_across_workers"
-    first, second = factory.created
+    first, second = (factory.create(boot_body(), wait_up=True) for _ in range(2))
     directory = guarded.state / "snapshots"
     directory.mkdir(exist_ok=True)
     cpu, memory = directory / "a.cpu", directory / "a.mem"
@@ -172,9 +179,11 @@ def test_snapshot_limits_and_memory_limit(guarded: Server, factory: VmFactory) -
         assert not (directory / "b.cpu").exists()
     finally:
         slots.release(token)
+    before = last_counter(second)
     response = call(guarded, "POST", "/snapshot", TOKEN, other)
     assert response.status == 200, response.text
     assert vmm_status(second)["state"] == "paused"  # resume=false, as asked
+    window = counter_window_after(second, before, paused=True)
 
     # Memory: one VM of 128 MiB left; a 256 MiB snapshot would make 384 > 300.
     rpc.call(second.port, "shutdown", timeout=10)
@@ -198,6 +207,7 @@ def test_snapshot_limits_and_memory_limit(guarded: Server, factory: VmFactory) -
     # Within the limits, the right token restores.
     restored = factory.create(restore_body(directory / "b.cpu", directory / "b.mem"))
     assert vmm_status(restored)["state"] == "running"
+    assert_restore_continues(restored, *window)
 
 
 def test_token_file(tmp_path: Path) -> None:

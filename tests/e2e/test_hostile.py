@@ -31,7 +31,10 @@ from tests.e2e.support import (
     SNAPSHOT_OK,
     VmFactory,
     assert_error,
+    assert_restore_continues,
     children,
+    fresh_dir,
+    last_counter,
     post,
     vmm_status,
     wait_counting,
@@ -116,8 +119,7 @@ def setting(
         canary.path, ns=(canary.stat[1] - 3600 * 10**9, canary.stat[1])
     )  # back before mtime
     canary.stat = Canary.now(canary.path)
-    snapdir = server.state / "snapshots" / "hostile"
-    snapdir.mkdir(parents=True)
+    snapdir = fresh_dir(server.state / "snapshots", "hostile-")
     (snapdir / "fifo").parent.mkdir(exist_ok=True)
     os.mkfifo(snapdir / "fifo")
     (snapdir / "to-canary").symlink_to(canary.path)
@@ -224,24 +226,29 @@ def test_shell_and_option_characters_are_taken_literally(setting: Setting) -> No
     """Snapshots to names full of ; $( ) ` spaces - , are written under exactly those names,
     restore from them works, and no command in them ever runs."""
     s = setting
+    lows: dict[str, int] = {}
     for name in LITERAL_NAMES:
         cpu, memory = s.snapdir / f"{name}.cpu", s.snapdir / f"{name}.mem"
+        lows[name] = last_counter(s.vm) + 1
         response = post(
             s.server, "/snapshot", snapshot_body(s.vm.port, cpu, memory, True)
         )
         assert response.status == 200, (name, response.text)
         assert response.json == SNAPSHOT_OK
         verify_pair(cpu, memory)
-        assert (cpu.stat().st_mode & 0o777) == 0o600
-    restored = s.factory.create(
-        restore_body(
-            s.snapdir / f"{LITERAL_NAMES[1]}.cpu", s.snapdir / f"{LITERAL_NAMES[1]}.mem"
-        )
-    )
-    wait_counting(restored)
-    assert vmm_status(restored)["origin"]["cpu_path"] == str(
-        s.snapdir / f"{LITERAL_NAMES[1]}.cpu"
-    )
+        for path in (cpu, memory):
+            assert (path.stat().st_mode & 0o777) == 0o600, path
+    # Every snapshot was taken before the source printed this counter.
+    high = wait_counting(s.vm) + 1
+    # Each pair restores, as itself: the VMM opened that name, and the guest goes on.
+    for name in LITERAL_NAMES:
+        cpu, memory = s.snapdir / f"{name}.cpu", s.snapdir / f"{name}.mem"
+        restored = s.factory.create(restore_body(cpu, memory))
+        origin = vmm_status(restored)["origin"]
+        assert (origin["cpu_path"], origin["memory_path"]) == (str(cpu), str(memory))
+        assert_restore_continues(restored, lows[name], high)
+        assert not (Path(restored.record.vm_dir) / PWNED).exists()
+        s.server.stop_vm(restored.record)
     # A kernel whose name is full of shell characters boots as that file.
     kernel = s.snapdir / f"k;$(touch {PWNED}) `id` -x.bin"
     shutil.copy(GUEST / "vmlinuz", kernel)
@@ -252,7 +259,6 @@ def test_shell_and_option_characters_are_taken_literally(setting: Setting) -> No
         PROJECT_ROOT,
         s.server.state,
         Path(booted.record.vm_dir),
-        Path(restored.record.vm_dir),
         Path(s.vm.record.vm_dir),
         Path("/tmp"),
         Path("/"),
