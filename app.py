@@ -1,5 +1,5 @@
 """The WSGI entry point for gunicorn (``app:app``) and ``flask run``."""
 
-from vmmgate import create_app
+from vmmgate.web import create_app
 
 app = create_app()

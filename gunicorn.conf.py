@@ -4,9 +4,10 @@ import ctypes
 import logging
 import sys
 
-from vmmgate import gunicorn_errors, master
-from vmmgate.auth import exposure_warning
-from vmmgate.config import server_settings
+from vmmgate.infra.rocket import server_settings
+from vmmgate.web import gunicorn_hooks
+from vmmgate.web.auth import exposure_warning
+from vmmgate.web.errors import install_gunicorn_errors
 
 _server = server_settings()
 
@@ -27,7 +28,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 
 # Requests gunicorn rejects itself (bad request line, headers) get JSON too.
-gunicorn_errors.install()
+install_gunicorn_errors()
 
 
 def on_starting(server):
@@ -51,7 +52,7 @@ def on_starting(server):
             "could not become child subreaper; orphaned VMMs go to PID 1"
         )
     # Metrics shared by all workers; exit statuses of the VMMs adopted above.
-    master.on_starting(server)
+    gunicorn_hooks.on_starting(server)
     server.log.info(
         "vmmgate listening on %s (%d workers x %d threads)%s",
         _server.bind.gunicorn_bind,

@@ -4,7 +4,7 @@ One run, side by side, alternating so that machine noise hits both sides:
 
 * snapshot: ``POST /snapshot`` through gunicorn (2 workers) against the same
   VM's ``snapshot_and_pause`` called directly over msgpack-RPC, with the
-  client the server itself uses (``vmmgate.rpc``, one connection per call);
+  client the server itself uses (``vmmgate.infra.rpc``, one connection per call);
 * restore: ``POST /create`` with ``resume: true`` until it answers (the VMM
   answers RPC) against starting ``python -m vmmgate.vmm --cpu_path ...``
   alone and waiting for its first RPC answer;
@@ -31,9 +31,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import vmm_bench
 
 from tests.server import make_server
-from vmmgate import rpc
 from vmmgate.guest import ensure_guest
-from vmmgate.state import state_dir
+from vmmgate.infra import rpc
+from vmmgate.shared.state import state_dir
 
 
 def timed(action: Callable[[], object]) -> float:

@@ -1,4 +1,4 @@
-"""How fast the RPC client (vmmgate.rpc) gives up: timeout, refused port, lost connection.
+"""How fast the RPC client (vmmgate.infra.rpc) gives up: timeout, refused port, lost connection.
 
 These were wall-time assertions in tests/test_rpc.py; the tests now check the
 behaviour (the error type, one connection, no retry) and this script measures
@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vmmgate import rpc
 from vmmgate.errors import RpcError
+from vmmgate.infra import rpc
 
 FAKE_VMM = str(ROOT / "tests" / "fakevmm.py")
 TIMEOUT = 0.3

@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from vmmgate import rpc
 from vmmgate.guest import ensure_guest
-from vmmgate.state import state_dir
+from vmmgate.infra import rpc
+from vmmgate.shared.state import state_dir
 
 
 def start_vmm(args: list[str], log: Path) -> tuple[subprocess.Popen, int, float]:

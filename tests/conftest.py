@@ -13,10 +13,11 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from vmmgate import create_app
-from vmmgate.config import SETTING_KEYS
-from vmmgate.registry import Registry, is_same_process
-from vmmgate.service import get_service
+from vmmgate.infra.config import SETTING_KEYS
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.infra.registry import Registry
+from vmmgate.web import create_app
+from vmmgate.web.extensions import get_service
 
 FAKE_VMM = Path(__file__).with_name("fakevmm.py")
 

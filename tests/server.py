@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmmgate import rpc
 from vmmgate.errors import RpcError
-from vmmgate.registry import Registry, VmRecord, is_same_process
-from vmmgate.state import PROJECT_ROOT
+from vmmgate.infra import procfs, rpc
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.infra.registry import Registry
+from vmmgate.model import VmRecord
+from vmmgate.shared.state import PROJECT_ROOT
 
 
 def free_port() -> int:
@@ -45,19 +47,11 @@ def wait_for(
 
 def children_of(pid: int) -> list[int]:
     """Return the pids whose parent is ``pid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as stat_file:
-                data = stat_file.read()
-        except OSError:
-            continue
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[1]) == pid:
-            found.append(int(entry))
-    return found
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and procfs.parent_of(int(entry)) == pid
+    ]
 
 
 def _cmdline(pid: int) -> bytes:

@@ -7,7 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
-from vmmgate.vmm.snapfile import CpuHeader, cpu_header_block, memory_trailer_block
+from vmmgate.shared.snapfile import CpuHeader, cpu_header_block, memory_trailer_block
 
 MIB = 1024 * 1024
 
@@ -15,7 +15,7 @@ MIB = 1024 * 1024
 def make_pair(
     cpu: Path, memory: Path, memory_mib: int = 16, fill: bytes = b"ram"
 ) -> str:
-    """Write a pair that vmmgate.vmm.snapfile.verify_pair accepts; return its id."""
+    """Write a pair that vmmgate.shared.snapfile.verify_pair accepts; return its id."""
     snapshot_id = uuid.uuid4().hex
     stream = b"device state of " + snapshot_id.encode()
     size = memory_mib * MIB

@@ -1,4 +1,4 @@
-"""The optional bearer token (vmmgate.auth) through the Flask test client, fake VMM.
+"""The optional bearer token (vmmgate.web.auth) through the Flask test client, fake VMM.
 
 No real VM runs here: the fake VMM answers the RPC calls. The token in front of
 real VMs (boot, snapshot, restore through gunicorn and QEMU) is proven by
@@ -21,11 +21,13 @@ from flask import Flask
 
 from tests.snapfiles import make_pair
 from tests.test_http import assert_error, boot_body, snap_body
-from vmmgate import auth, rpc
-from vmmgate.config import BindAddress, load_settings
 from vmmgate.errors import ConfigError
-from vmmgate.service import get_service
-from vmmgate.state import PROJECT_ROOT
+from vmmgate.infra import rpc
+from vmmgate.infra.config import load_settings
+from vmmgate.infra.rocket import BindAddress
+from vmmgate.shared.state import PROJECT_ROOT
+from vmmgate.web import auth
+from vmmgate.web.extensions import get_service
 
 TOKEN = "s3cr3t-Token_with.all~the+b64/chars=="
 
@@ -248,8 +250,10 @@ def _gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> ModuleType:
 
     monkeypatch.setattr(module, "ctypes", NoPrctl)
     # Other start-up duties (metrics, reaping adopted VMMs) are tested elsewhere.
-    if hasattr(module, "master"):
-        monkeypatch.setattr(module, "master", SimpleNamespace(on_starting=print))
+    if hasattr(module, "gunicorn_hooks"):
+        monkeypatch.setattr(
+            module, "gunicorn_hooks", SimpleNamespace(on_starting=print)
+        )
     return module
 
 

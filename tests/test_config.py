@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vmmgate import config
 from vmmgate.errors import ConfigError
+from vmmgate.infra import config, rocket
 
 ORIGINAL = '[debug]\naddress = "0.0.0.0"\nport = 8010\n'
 PROFILES = """\
@@ -29,12 +29,12 @@ port = 7003
 """
 
 
-def _bind(tmp_path: Path, text: str | None, **environ: str) -> config.BindAddress:
+def _bind(tmp_path: Path, text: str | None, **environ: str) -> rocket.BindAddress:
     """Write Rocket.toml (unless None) in tmp_path and resolve the bind address there."""
     if text is not None:
         (tmp_path / "Rocket.toml").write_text(text)
     environ.setdefault("ROCKET_CONFIG", str(tmp_path / "Rocket.toml"))
-    return config.rocket_bind(environ, tmp_path)
+    return rocket.rocket_bind(environ, tmp_path)
 
 
 def test_original_file_gives_the_original_bind(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_original_file_gives_the_original_bind(tmp_path: Path) -> None:
 
 def test_shipped_rocket_toml_is_the_original() -> None:
     """The repository's Rocket.toml gives 0.0.0.0:8010 with no environment."""
-    bind = config.rocket_bind({}, config.state.PROJECT_ROOT)
+    bind = rocket.rocket_bind({}, config.state.PROJECT_ROOT)
     assert bind.gunicorn_bind == "0.0.0.0:8010"
 
 
@@ -92,8 +92,8 @@ def test_no_file_uses_rockets_builtin_defaults(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without any Rocket.toml, Rocket listened on 127.0.0.1:8000."""
-    monkeypatch.setattr(config, "SHIPPED_ROCKET_TOML", tmp_path / "none.toml")
-    bind = config.rocket_bind({}, tmp_path)
+    monkeypatch.setattr(rocket, "SHIPPED_ROCKET_TOML", tmp_path / "none.toml")
+    bind = rocket.rocket_bind({}, tmp_path)
     assert (bind.address, bind.port) == ("127.0.0.1", 8000)
 
 
@@ -102,7 +102,7 @@ def test_file_is_found_in_a_parent_directory(tmp_path: Path) -> None:
     (tmp_path / "Rocket.toml").write_text(PROFILES)
     child = tmp_path / "a" / "b"
     child.mkdir(parents=True)
-    assert config.rocket_bind({}, child).port == 7001
+    assert rocket.rocket_bind({}, child).port == 7001
 
 
 @pytest.mark.parametrize(
@@ -204,13 +204,13 @@ def test_server_settings(tmp_path: Path) -> None:
         "VMMGATE_RPC_TIMEOUT": "100",
     }
     (tmp_path / "Rocket.toml").write_text(ORIGINAL)
-    server = config.server_settings(environ, tmp_path)
+    server = rocket.server_settings(environ, tmp_path)
     assert (server.workers, server.threads) == (2, 4)
     assert server.timeout >= 100
     assert server.bind.gunicorn_bind == "0.0.0.0:8010"
     assert (
-        config.server_settings({**environ, "VMMGATE_WORKERS": "3"}, tmp_path).workers
+        rocket.server_settings({**environ, "VMMGATE_WORKERS": "3"}, tmp_path).workers
         == 3
     )
     with pytest.raises(ConfigError, match="VMMGATE_WORKERS"):
-        config.server_settings({**environ, "VMMGATE_WORKERS": "0"}, tmp_path)
+        rocket.server_settings({**environ, "VMMGATE_WORKERS": "0"}, tmp_path)

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 
 from tests.server import wait_for
-from vmmgate.lifecycle import _Console, _Follower, _read_console
-from vmmgate.vmm.console import (
+from vmmgate.core.lifecycle import _Console, _Follower, _read_console
+from vmmgate.shared.consolelog import (
     DEFAULT_MAX_BYTES,
     ENV,
-    ConsoleLog,
-    ConsolePump,
     max_bytes_from_env,
     rotated_path,
 )
+from vmmgate.vmm.console import ConsoleLog, ConsolePump
 
 CAP = 1024
 

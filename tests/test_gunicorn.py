@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import FAKE_VMM
 from tests.server import Server, make_server, wait_for
-from vmmgate import rpc
-from vmmgate.registry import is_same_process, proc_start_time
+from vmmgate.infra import procfs, rpc
+from vmmgate.infra.procfs import is_same_process
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +116,7 @@ def test_killed_worker_leaves_its_vms_snapshotable(server: Server) -> None:
     )
     assert is_same_process(record.pid, record.pid_start_time)
     # The master is a child subreaper: it adopted the orphaned VMM.
-    with open(f"/proc/{record.pid}/stat", "rb") as stat_file:
-        data = stat_file.read()
-    assert int(data[data.rindex(b")") + 2 :].split()[1]) == server.pid
+    assert procfs.parent_of(record.pid) == server.pid
     body = {
         "cpu_snapshot_path": str(server.state / "c"),
         "memory_snapshot_path": str(server.state / "m"),
@@ -131,7 +129,7 @@ def test_killed_worker_leaves_its_vms_snapshotable(server: Server) -> None:
     # Adopted and reaped by the master: no zombie left behind.
     wait_for(
         lambda: (
-            proc_start_time(record.pid) is None
+            procfs.start_time(record.pid) is None
             and not os.path.exists(f"/proc/{record.pid}")
         ),
         10,

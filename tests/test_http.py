@@ -15,10 +15,12 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.fakevmm import FAKE_SSH_PORT
-from vmmgate import rpc, service
+from vmmgate.core import service
 from vmmgate.errors import SnapshotMismatch
-from vmmgate.registry import VmState, is_same_process
-from vmmgate.service import get_service
+from vmmgate.infra import rpc
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.model import VmState
+from vmmgate.web.extensions import get_service
 
 
 def boot_body(kernel: Path | str, **extra: Any) -> dict[str, Any]:

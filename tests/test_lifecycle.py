@@ -25,19 +25,15 @@ from flask.testing import FlaskClient
 
 from tests.server import wait_for
 from tests.test_http import assert_error, boot_body
-from vmmgate import lifecycle as lifecycle_module
-from vmmgate import openapi, rpc
-from vmmgate.blueprints.ops import plain_docs_page
-from vmmgate.lifecycle import _tail_offset, describe_exit
-from vmmgate.registry import (
-    Registry,
-    VmKind,
-    VmRecord,
-    VmState,
-    is_same_process,
-    proc_start_time,
-)
-from vmmgate.service import get_service
+from vmmgate.core import lifecycle as lifecycle_module
+from vmmgate.core.lifecycle import _tail_offset, describe_exit
+from vmmgate.infra import procfs, rpc
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.infra.registry import Registry
+from vmmgate.model import VmKind, VmRecord, VmState
+from vmmgate.web import openapi
+from vmmgate.web.blueprints.ops import plain_docs_page
+from vmmgate.web.extensions import get_service
 
 VM_KEYS = {
     "id",
@@ -325,7 +321,7 @@ def test_delete_kills_a_vmm_that_ignores_shutdown(
         ),
         daemon=True,
     )
-    with caplog.at_level(logging.INFO, logger="vmmgate.lifecycle"):
+    with caplog.at_level(logging.INFO, logger="vmmgate.core.lifecycle"):
         deleter.start()
         deleter.join(120)
     assert responses, "DELETE ?timeout=0.5 waited for the 600 s default"
@@ -343,7 +339,7 @@ def test_a_reused_pid_is_never_taken_for_the_vm(
     other = subprocess.Popen(["sleep", "60"])
     try:
         registry = get_service(app).registry
-        start = proc_start_time(other.pid)
+        start = procfs.start_time(other.pid)
         assert start is not None
         record = fake_record(
             registry, state / "vms", pid=other.pid, pid_start_time=start - 1
@@ -474,7 +470,7 @@ def test_console_followers_are_bounded(
     client: FlaskClient, kernel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """More concurrent follows than a worker allows: 429, and the slots come back."""
-    from vmmgate.blueprints import vms
+    from vmmgate.web.blueprints import vms
 
     monkeypatch.setattr(vms, "_followers", threading.BoundedSemaphore(1))
     vm_id = boot(client, kernel)["id"]
@@ -641,15 +637,16 @@ def test_gunicorn_master_records_adopted_vmms_exit_status(tmp_path: Path) -> Non
         from pathlib import Path
         sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
         from tests.test_lifecycle import fake_record
-        from vmmgate.master import reap_orphans
-        from vmmgate.registry import Registry, proc_start_time
+        from vmmgate.web.gunicorn_hooks import reap_orphans
+        from vmmgate.infra import procfs
+        from vmmgate.infra.registry import Registry
         registry = Registry({str(tmp_path / "registry.sqlite3")!r})
         registry.create()
         quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         worker = subprocess.Popen(["sleep", "60"], **quiet)
         vmm = subprocess.Popen(["sleep", "60"], **quiet)
         record = fake_record(registry, Path({str(tmp_path)!r}), pid=vmm.pid,
-                             pid_start_time=proc_start_time(vmm.pid))
+                             pid_start_time=procfs.start_time(vmm.pid))
         arbiter = types.SimpleNamespace(WORKERS={{worker.pid: None}}, reexec_pid=0)
         os.kill(vmm.pid, signal.SIGKILL)
         deadline = time.monotonic() + 5

@@ -1,4 +1,4 @@
-"""Limits (vmmgate.limits) through the Flask test client with the fake VMM.
+"""Limits (vmmgate.core.admission) through the Flask test client with the fake VMM.
 
 These are unit-level checks of the rules, not of workers: where a test says
 "two workers" it means two Flask apps in this one process on one state
@@ -24,17 +24,11 @@ from flask import Flask
 
 from tests.snapfiles import make_pair
 from tests.test_http import assert_error, boot_body, snap_body, vm_dirs
-from vmmgate import rpc
-from vmmgate.config import load_settings
 from vmmgate.errors import ConfigError
-from vmmgate.registry import (
-    LIVE_STATES,
-    VmKind,
-    VmRecord,
-    VmState,
-    proc_start_time,
-)
-from vmmgate.service import get_service
+from vmmgate.infra import procfs, rpc
+from vmmgate.infra.config import load_settings
+from vmmgate.model import LIVE_STATES, VmKind, VmRecord, VmState
+from vmmgate.web.extensions import get_service
 
 
 def live(app: Flask) -> list[VmRecord]:
@@ -45,7 +39,7 @@ def live(app: Flask) -> list[VmRecord]:
 def dead_pid() -> tuple[int, int]:
     """Return the pid and start time of a process that has exited (and was reaped)."""
     child = subprocess.Popen(["sleep", "30"])
-    start = proc_start_time(child.pid)
+    start = procfs.start_time(child.pid)
     assert start is not None
     child.kill()
     child.wait()

@@ -25,7 +25,8 @@ import schemathesis
 
 from tests.conftest import FAKE_VMM
 from tests.server import Server, make_server
-from vmmgate.registry import Registry, VmKind, VmRecord, VmState
+from vmmgate.infra.registry import Registry
+from vmmgate.model import VmKind, VmRecord, VmState
 
 #: Examples per operation: a few dozen, so the run stays within seconds.
 EXAMPLES = 30

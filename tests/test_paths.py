@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from vmmgate.core.paths import PathPolicy
 from vmmgate.errors import PathRefused
-from vmmgate.paths import PathPolicy
 
 
 @pytest.fixture

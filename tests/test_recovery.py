@@ -1,4 +1,4 @@
-"""Cleaning up after a VMM killed mid-snapshot (vmmgate.vmm.recovery, atomic.Undo).
+"""Cleaning up after a VMM killed mid-snapshot (vmmgate.shared.recovery, atomic.Undo).
 
 A SIGKILL that lands exactly between the two renames of a snapshot cannot be
 aimed at from outside (the window is a few microseconds: tests/e2e/test_faults.py
@@ -17,11 +17,12 @@ from types import SimpleNamespace
 import pytest
 
 from tests.snapfiles import make_pair
-from vmmgate.vmm import atomic, snapshot
-from vmmgate.vmm.atomic import TEMP_PREFIX, AtomicFile, Undo
+from vmmgate.shared import atomic
+from vmmgate.shared.atomic import TEMP_PREFIX, AtomicFile, Undo
+from vmmgate.shared.recovery import recover
+from vmmgate.shared.snapfile import verify_pair
+from vmmgate.vmm import snapshot
 from vmmgate.vmm.errors import SnapshotIOError
-from vmmgate.vmm.recovery import recover
-from vmmgate.vmm.snapfile import verify_pair
 
 DEAD = 999_999_999  # a pid no process has: recovery acts on a dead writer's names
 

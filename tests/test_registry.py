@@ -14,18 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from vmmgate.registry import (
+from vmmgate.infra import procfs
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.infra.registry import (
     SCHEMA_VERSION,
     NewerSchema,
     PortTaken,
     Registry,
-    VmKind,
-    VmRecord,
-    VmState,
-    is_same_process,
     new_vm_id,
-    proc_start_time,
 )
+from vmmgate.model import VmKind, VmRecord, VmState
 
 
 @pytest.fixture
@@ -214,7 +212,7 @@ def test_concurrent_writers_across_processes(registry: Registry) -> None:
     """Several processes writing at once all succeed (busy timeout, WAL)."""
     code = (
         "import sys, time, os\n"
-        "from vmmgate.registry import Registry, VmRecord, VmKind, VmState, new_vm_id\n"
+        "from vmmgate.infra.registry import Registry, VmRecord, VmKind, VmState, new_vm_id\n"
         "reg = Registry(sys.argv[1])\n"
         "for i in range(20):\n"
         "    reg.insert(VmRecord(new_vm_id(), VmKind.BOOT, VmState.EXITED, int(sys.argv[2]) + i,"
@@ -232,12 +230,12 @@ def test_concurrent_writers_across_processes(registry: Registry) -> None:
 
 def test_process_identity() -> None:
     """pid + start time identifies a process; a dead or reaped pid does not match."""
-    me = proc_start_time(os.getpid())
+    me = procfs.start_time(os.getpid())
     assert me is not None and is_same_process(os.getpid(), me)
     assert not is_same_process(os.getpid(), me + 1)
     assert not is_same_process(None, me)
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = proc_start_time(child.pid)
+    start = procfs.start_time(child.pid)
     child.wait()
     assert not is_same_process(child.pid, start)
 
@@ -247,9 +245,9 @@ def test_zombie_counts_as_gone() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
         deadline = time.monotonic() + 10
-        while proc_start_time(child.pid) is not None and time.monotonic() < deadline:
+        while procfs.start_time(child.pid) is not None and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert proc_start_time(child.pid) is None
+        assert procfs.start_time(child.pid) is None
         assert Path(f"/proc/{child.pid}").exists()  # still a zombie
     finally:
         child.wait()
@@ -261,7 +259,7 @@ def test_proc_start_time_with_odd_comm(tmp_path: Path) -> None:
     exe.symlink_to(sys.executable)
     child = subprocess.Popen([str(exe), "-c", "import time; time.sleep(30)"])
     try:
-        assert proc_start_time(child.pid) is not None
+        assert procfs.start_time(child.pid) is not None
     finally:
         child.kill()
         child.wait()

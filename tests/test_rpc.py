@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FAKE_VMM
-from vmmgate import rpc
 from vmmgate.errors import (
     RemoteConflict,
     RemoteInternal,
@@ -25,6 +24,7 @@ from vmmgate.errors import (
     RpcTimeout,
     RpcUnreachable,
 )
+from vmmgate.infra import rpc
 
 
 def _free_port() -> int:

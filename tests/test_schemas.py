@@ -7,15 +7,8 @@ import json
 import pytest
 
 from vmmgate.errors import InvalidBody, MalformedBody
-from vmmgate.schemas import (
-    CREATE_REQUEST,
-    SNAPSHOT_REQUEST,
-    CreateRequest,
-    SnapshotRequest,
-    StarterConfig,
-    load,
-    parse_json,
-)
+from vmmgate.model import CreateRequest, SnapshotRequest, StarterConfig
+from vmmgate.web.schemas import CREATE_REQUEST, SNAPSHOT_REQUEST, load, parse_json
 
 CREATE = {
     "cpu_snapshot_path": "<cpu_path>",

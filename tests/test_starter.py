@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from vmmgate import starter
+from vmmgate.core import starter
 from vmmgate.errors import StarterConfigError
-from vmmgate.schemas import StarterConfig
+from vmmgate.model import StarterConfig
 
 STUBS = ("ip", "dropbear", "adduser", "chpasswd")
 # Only the host's /bin/sh (dash): busybox sh would run its own "ip" applet

@@ -1,7 +1,7 @@
 """Typed errors raised by vmmgate's domain code (never by Flask).
 
 Each error's message is the human description sent to the client; the mapping
-to HTTP statuses lives in one place, :mod:`vmmgate.http_errors`.
+to HTTP statuses lives in one place, :mod:`vmmgate.web.errors`.
 
 ::
 

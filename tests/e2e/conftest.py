@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests.server import Server, make_server, wait_for
-from vmmgate.registry import VmRecord
-from vmmgate.state import PROJECT_ROOT
+from vmmgate.model import VmRecord
+from vmmgate.shared.state import PROJECT_ROOT
 
 GUEST = PROJECT_ROOT / "var" / "guest"
 #: The demo kernel, as a client would name it relative to the server's working directory.

@@ -21,9 +21,9 @@ import pytest
 from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, UP_LINE, Vm
 from tests.guestcheck import assert_restored_continues
 from tests.server import Response, Server, wait_for
-from vmmgate import rpc
-from vmmgate.registry import VmRecord, VmState
-from vmmgate.vmm.atomic import TEMP_PREFIX
+from vmmgate.infra import rpc
+from vmmgate.model import VmRecord, VmState
+from vmmgate.shared.atomic import TEMP_PREFIX
 
 SNAPSHOT_OK = "Snapshot taken successfully"
 

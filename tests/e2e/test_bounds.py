@@ -30,8 +30,9 @@ from tests.e2e.support import (
 )
 from tests.guestcheck import assert_restored_continues, counters
 from tests.server import Server, make_server, processes_under, wait_for
-from vmmgate.registry import SCHEMA_VERSION, is_same_process
-from vmmgate.vmm.console import rotated_path
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.infra.registry import SCHEMA_VERSION
+from vmmgate.shared.consolelog import rotated_path
 
 #: The smallest cap allowed: the kernel's boot messages alone fill it many times.
 CAP = 1024

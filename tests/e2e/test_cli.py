@@ -14,8 +14,8 @@ import pytest
 from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, KERNEL, UP_LINE
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, wait_for
-from vmmgate import rpc
-from vmmgate.state import PROJECT_ROOT
+from vmmgate.infra import rpc
+from vmmgate.shared.state import PROJECT_ROOT
 
 
 def command(server: Server, *args: str) -> list[str]:

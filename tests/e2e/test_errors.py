@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.conftest import KERNEL, Vm, boot_body, restore_body, snapshot_body
 from tests.server import Response, Server, processes_under, wait_for
-from vmmgate import rpc
+from vmmgate.infra import rpc
 
 
 def assert_error(response: Response, code: int, *needles: str) -> None:

@@ -39,9 +39,9 @@ from tests.e2e.support import (
     wait_counting,
 )
 from tests.server import Response, Server, processes_under, wait_for
-from vmmgate import rpc
-from vmmgate.registry import is_same_process, proc_start_time
-from vmmgate.vmm.snapfile import verify_pair
+from vmmgate.infra import procfs, rpc
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.shared.snapfile import verify_pair
 
 pytestmark = pytest.mark.e2e
 
@@ -112,7 +112,7 @@ def test_sigkill_vmm_during_snapshot_keeps_a_whole_pair(
     wait_counting(vm)
     log = PhaseLog(vm)
     qemu = vmm_status(vm)["qemu_pid"]
-    qemu_started = proc_start_time(qemu)
+    qemu_started = procfs.start_time(qemu)
     cpu, memory = snapshots / "pair.cpu", snapshots / "pair.mem"
     assert snap(server, vm, cpu, memory, True).status == 200
     old = (sha256(cpu), sha256(memory))

@@ -20,7 +20,7 @@ from tests.e2e.support import (
     last_counter,
 )
 from tests.server import Server, wait_for
-from vmmgate import rpc
+from vmmgate.infra import rpc
 
 SNAPSHOT_OK = "Snapshot taken successfully"
 

@@ -30,8 +30,9 @@ from tests.e2e.support import (
 )
 from tests.server import Response, Server, make_server, processes_under
 from tests.snapfiles import make_pair
-from vmmgate import rpc
-from vmmgate.limits import Limits, SnapshotSlots
+from vmmgate.core.admission import SnapshotSlots
+from vmmgate.infra import rpc
+from vmmgate.infra.config import Limits
 
 pytestmark = pytest.mark.e2e
 

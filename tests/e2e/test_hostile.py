@@ -41,9 +41,9 @@ from tests.e2e.support import (
     wait_recorded_exited,
 )
 from tests.server import Server
-from vmmgate import rpc
-from vmmgate.state import PROJECT_ROOT
-from vmmgate.vmm.snapfile import verify_pair
+from vmmgate.infra import rpc
+from vmmgate.shared.snapfile import verify_pair
+from vmmgate.shared.state import PROJECT_ROOT
 
 pytestmark = pytest.mark.e2e
 

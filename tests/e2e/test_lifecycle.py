@@ -22,8 +22,8 @@ from tests.e2e.conftest import (
 )
 from tests.guestcheck import assert_restored_continues
 from tests.server import Response, Server, wait_for
-from vmmgate import rpc
-from vmmgate.registry import is_same_process
+from vmmgate.infra import rpc
+from vmmgate.infra.procfs import is_same_process
 from vmmgate.vmm.accel import kvm_openable
 
 #: How long a VMM's exit may take to show in the API (the reaper records it at once).

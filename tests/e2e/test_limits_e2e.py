@@ -29,8 +29,9 @@ import pytest
 
 from tests.e2e.conftest import GUEST, Vm, boot_body, snapshot_body
 from tests.server import Response, Server, make_server, processes_under, wait_for
-from vmmgate import rpc
-from vmmgate.registry import LIVE_STATES, is_same_process
+from vmmgate.infra import rpc
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.model import LIVE_STATES
 
 pytestmark = pytest.mark.e2e
 

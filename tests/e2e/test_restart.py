@@ -22,8 +22,8 @@ from tests.e2e.conftest import (
 from tests.e2e.test_lifecycle import error, get_vm, ok
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, make_server, wait_for
-from vmmgate import rpc
-from vmmgate.registry import is_same_process
+from vmmgate.infra import rpc
+from vmmgate.infra.procfs import is_same_process
 
 
 @pytest.fixture

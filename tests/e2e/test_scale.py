@@ -19,8 +19,9 @@ from tests.e2e.conftest import BOOT_TIMEOUT, GUEST, UP_LINE, Vm, boot_body, rest
 from tests.e2e.support import SNAPSHOT_OK, assert_error, post, vmm_status
 from tests.guestcheck import assert_restored_continues, counters
 from tests.server import Server, make_server, processes_under, wait_for
-from vmmgate.limits import Limits
-from vmmgate.registry import is_same_process, proc_start_time
+from vmmgate.infra import procfs
+from vmmgate.infra.config import Limits
+from vmmgate.infra.procfs import is_same_process
 
 #: The limit under test: the default, not a setting of this test.
 MAX_VMS = Limits().max_vms
@@ -102,7 +103,7 @@ def test_64_restored_vms_then_429_then_all_stopped(scale_server: Server) -> None
         assert status["state"] == "running", status
         assert status["memory_mib"] == GUEST_MIB
         assert status["origin"]["kind"] == "snapshot"
-        qemus.append((status["qemu_pid"], proc_start_time(status["qemu_pid"])))
+        qemus.append((status["qemu_pid"], procfs.start_time(status["qemu_pid"])))
     phases["status of every VMM"] = time.monotonic() - mark
 
     # Running means the guests execute: each counts on from the snapshot, none booted.

@@ -25,7 +25,7 @@ from tests.e2e.conftest import GUEST, Vm, boot_body, restore_body, snapshot_body
 from tests.e2e.support import assert_error, last_counter, post, tmpfs, vmm_status
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, make_server, processes_under, wait_for
-from vmmgate.registry import is_same_process
+from vmmgate.infra.procfs import is_same_process
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import Vm, boot_body, snapshot_body
 from tests.server import Server, wait_for
-from vmmgate import rpc
+from vmmgate.infra import rpc
 
 
 def test_ten_concurrent_creates(server: Server, vms: Callable[..., Vm]) -> None:

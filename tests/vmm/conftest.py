@@ -32,7 +32,8 @@ from tornado import ioloop
 
 from tests.server import wait_for
 from vmmgate.guest import COUNTER_PREFIX, UP_LINE, GuestImage, ensure_guest
-from vmmgate.state import PROJECT_ROOT
+from vmmgate.infra import procfs
+from vmmgate.shared.state import PROJECT_ROOT
 
 COUNTER = re.compile(rf"^{re.escape(COUNTER_PREFIX)}(\d+)\r?$", re.MULTILINE)
 #: Bound on a VMM becoming ready (QEMU launched, RPC served); a boot under TCG is ~3-5 s.
@@ -128,22 +129,10 @@ def sha256(path: Path) -> str:
 # Processes -----------------------------------------------------------------------------
 
 
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """Return (state, start time) of ``pid``, or None if it does not exist."""
-    try:
-        data = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return fields[0].decode(), int(fields[19])
-
-
 def process_alive(pid: int, start_time: int | None = None) -> bool:
     """True if ``pid`` runs (not a zombie) and, if given, started at ``start_time``."""
-    stat = _proc_stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
-        return False
-    return start_time is None or stat[1] == start_time
+    started = procfs.start_time(pid)
+    return started is not None and start_time in (None, started)
 
 
 def qemus_mentioning(text: str) -> list[int]:
@@ -398,9 +387,9 @@ class VmmPool:
         vmm.status = vmm.call("status")
         assert vmm.status["pid"] == vmm.pid and vmm.status["port"] == vmm.port
         vmm.qemu_pid = vmm.status["qemu_pid"]
-        stat = _proc_stat(vmm.qemu_pid)
+        stat = procfs.read_stat(vmm.qemu_pid)
         assert stat is not None, f"QEMU {vmm.qemu_pid} of VMM {vmm.pid} is not running"
-        vmm.qemu_start = stat[1]
+        vmm.qemu_start = stat.start_time
         return vmm
 
     def boot(

@@ -39,9 +39,9 @@ from tests.vmm.conftest import (
     wait_for,
 )
 from vmmgate.guest import UP_LINE
-from vmmgate.vmm.atomic import TEMP_PREFIX, undo_entries
-from vmmgate.vmm.recovery import recover
-from vmmgate.vmm.snapfile import verify_pair
+from vmmgate.shared.atomic import TEMP_PREFIX, undo_entries
+from vmmgate.shared.recovery import recover
+from vmmgate.shared.snapfile import verify_pair
 
 pytestmark = pytest.mark.e2e
 

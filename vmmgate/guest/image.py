@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmmgate import state
 from vmmgate.guest import cpio, debs, elf, initscript, kernel, rootfs, userland
+from vmmgate.shared import state
 
 log = logging.getLogger(__name__)
 

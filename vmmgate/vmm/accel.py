@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from vmmgate.state import state_dir
+from vmmgate.shared.state import state_dir
 from vmmgate.vmm.errors import QemuError
 
 log = logging.getLogger(__name__)

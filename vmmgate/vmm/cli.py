@@ -15,8 +15,8 @@ import sys
 import threading
 from pathlib import Path
 
-from vmmgate.state import guest_dir
-from vmmgate.vmm import exitcodes
+from vmmgate.shared import exitcodes
+from vmmgate.shared.state import guest_dir
 from vmmgate.vmm.accel import ACCELS
 from vmmgate.vmm.errors import InvalidRequest, VmmError
 from vmmgate.vmm.listener import listening_socket

@@ -10,31 +10,26 @@ Each error has a ``kind`` that travels over RPC as the message prefix
     ├── SnapshotIOError           kind "io"        the snapshot could not be written
     └── QemuError                 kind "internal"  QEMU failed or misbehaved
         └── QemuLaunchError                        QEMU did not start (carries evidence)
+
+The first three are shared with the server (:mod:`vmmgate.shared.errors`): the
+snapshot file format raises SnapshotFileError on both sides.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vmmgate.shared.errors import InvalidRequest, SnapshotFileError, VmmError
 
-class VmmError(Exception):
-    """Base of every error the VMM reports."""
-
-    kind = "internal"
-
-    def rpc_message(self) -> str:
-        """Return the message sent to an RPC caller: ``"<kind>: <text>"``."""
-        return f"{self.kind}: {self}"
-
-
-class InvalidRequest(VmmError, ValueError):
-    """The caller asked for something malformed."""
-
-    kind = "invalid"
-
-
-class SnapshotFileError(InvalidRequest):
-    """A snapshot file is missing, damaged or does not belong to its pair."""
+__all__ = [
+    "Conflict",
+    "InvalidRequest",
+    "QemuError",
+    "QemuLaunchError",
+    "SnapshotFileError",
+    "SnapshotIOError",
+    "VmmError",
+]
 
 
 class Conflict(VmmError):

@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmmgate.vmm.console import DEFAULT_MAX_BYTES, ConsoleLog, ConsolePump
+from vmmgate.shared.consolelog import DEFAULT_MAX_BYTES
+from vmmgate.vmm.console import ConsoleLog, ConsolePump
 from vmmgate.vmm.errors import QemuError, QemuLaunchError
 
 # Not `from typing import ...`: typing costs every VMM start ~7 ms, for annotations only.
@@ -72,7 +73,7 @@ class MachineSpec:
     net: NetSpec
     console_log: Path
     machine: str = "pc"
-    #: Cap of one console log segment (vmmgate.vmm.console); not virtual hardware.
+    #: Cap of one console log segment (vmmgate.shared.consolelog); not virtual hardware.
     console_max_bytes: int = DEFAULT_MAX_BYTES
 
 

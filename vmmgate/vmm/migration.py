@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
+from vmmgate.shared.snapfile import STREAM_OFFSET
 from vmmgate.vmm.errors import SnapshotFileError, SnapshotIOError
 from vmmgate.vmm.machine import QemuMachine, wait_for
-from vmmgate.vmm.snapfile import STREAM_OFFSET
 
 MIGRATION_TIMEOUT = 120.0
 _FD_NAME = "vmmgate-state"

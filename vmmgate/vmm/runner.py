@@ -16,7 +16,7 @@ from pathlib import Path
 import msgpackrpc
 from tornado import ioloop
 
-from vmmgate.vmm import exitcodes
+from vmmgate.shared import exitcodes
 from vmmgate.vmm.errors import InvalidRequest
 from vmmgate.vmm.rpcserver import Dispatcher, make_server
 from vmmgate.vmm.vm import VirtualMachine

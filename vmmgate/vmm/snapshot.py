@@ -4,7 +4,7 @@ Guest RAM is never part of QEMU's migration stream: with ``x-ignore-shared``
 QEMU skips the shared RAM block and writes only vCPU and device state, to a
 descriptor we hand it (``fd:`` URI, so no shell is involved). This module
 copies the RAM itself. Both files are written unnamed and renamed into place
-only once complete and synced (atomic.py).
+only once complete and synced (vmmgate.shared.atomic).
 """
 
 from __future__ import annotations
@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vmmgate.vmm import ramcopy
-from vmmgate.vmm.atomic import AtomicFile, Undo, fsync_dir
-from vmmgate.vmm.errors import InvalidRequest, SnapshotIOError
-from vmmgate.vmm.machine import QemuMachine
-from vmmgate.vmm.migration import save_device_state
-from vmmgate.vmm.snapfile import (
+from vmmgate.shared.atomic import AtomicFile, Undo, fsync_dir
+from vmmgate.shared.snapfile import (
     STREAM_OFFSET,
     CpuHeader,
     cpu_header_block,
     memory_trailer_block,
 )
+from vmmgate.vmm import ramcopy
+from vmmgate.vmm.errors import InvalidRequest, SnapshotIOError
+from vmmgate.vmm.machine import QemuMachine
+from vmmgate.vmm.migration import save_device_state
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def write_snapshot(
             replaced = [_hold(memory_path), _hold(cpu_path)]
             # Until both renames are done the previous memory file keeps a second
             # name: a kill between them (new RAM beside the old CPU file) is undone
-            # by whoever cleans up after this process (vmmgate.vmm.recovery).
+            # by whoever cleans up after this process (vmmgate.shared.recovery).
             undo = Undo(memory_path)
             try:
                 # Memory first: a crash between the renames leaves a pair that is refused

@@ -15,8 +15,9 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vmmgate.shared import consolelog
+from vmmgate.shared.snapfile import CpuHeader, open_pair
 from vmmgate.vmm import accel as accel_mod
-from vmmgate.vmm import console as console_mod
 from vmmgate.vmm import migration, ramcopy
 from vmmgate.vmm.errors import Conflict, InvalidRequest
 from vmmgate.vmm.machine import (
@@ -26,7 +27,6 @@ from vmmgate.vmm.machine import (
     QemuMachine,
     find_qemu,
 )
-from vmmgate.vmm.snapfile import CpuHeader, open_pair
 
 # Not `from typing import ...`: typing costs every VMM start ~7 ms, for annotations only.
 TYPE_CHECKING = False
@@ -73,7 +73,7 @@ def check_tap(name: str) -> None:
 def console_cap() -> int:
     """Return the console segment cap (VMMGATE_CONSOLE_MAX_BYTES); InvalidRequest if invalid."""
     try:
-        return console_mod.max_bytes_from_env()
+        return consolelog.max_bytes_from_env()
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
 

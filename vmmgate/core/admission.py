@@ -1,0 +1,162 @@
+"""Limits on what callers can make the server do: VMs, guest memory, snapshots, disk.
+
+They hold across gunicorn workers because they are checked in the registry file,
+inside SQLite write transactions (``BEGIN IMMEDIATE``): the count of live VMs and
+their memory is checked in the same transaction that inserts the new VM, and a
+snapshot holds a row in the ``snapshots`` table (one per VM, the VM id is its
+primary key) for as long as the VMM works on it. A row whose worker died is
+recognised by the worker's pid and start time and taken back.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from vmmgate.errors import (
+    InsufficientStorage,
+    LimitExceeded,
+    SnapshotInProgress,
+)
+from vmmgate.infra import procfs
+from vmmgate.infra.config import Limits
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.infra.registry import LIVE_SQL, Registry
+
+MIB = 1024 * 1024
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS snapshots (
+    vm_id        TEXT PRIMARY KEY,
+    token        TEXT NOT NULL,
+    owner_pid    INTEGER NOT NULL,
+    owner_start  INTEGER,
+    started_at   REAL NOT NULL
+)"""
+
+
+def vm_admission(
+    limits: Limits, memory_mib: int, default_memory_mib: int
+) -> Callable[[sqlite3.Connection], None]:
+    """Return a check for Registry.insert: refuse a VM over the VM or memory limit.
+
+    It runs inside the insert's write transaction, so the counts it sees cannot
+    change before the new row is in. A live VM whose size is not known yet counts
+    with ``default_memory_mib``.
+    """
+
+    def admit(db: sqlite3.Connection) -> None:
+        count, memory = db.execute(
+            f"SELECT COUNT(*), COALESCE(SUM(COALESCE(memory_mib, ?)), 0) "
+            f"FROM vms WHERE state IN {LIVE_SQL}",
+            (default_memory_mib,),
+        ).fetchone()
+        if count + 1 > limits.max_vms:
+            raise LimitExceeded(
+                f"The server already runs {count} VMs, its limit "
+                f"(VMMGATE_MAX_VMS={limits.max_vms}); stop a VM first, or raise the limit."
+            )
+        if memory + memory_mib > limits.max_total_memory_mib:
+            raise LimitExceeded(
+                f"This VM needs {memory_mib} MiB of guest memory, and the live VMs "
+                f"already have {memory} MiB of the {limits.max_total_memory_mib} MiB "
+                "allowed (VMMGATE_MAX_TOTAL_MEMORY_MIB); stop a VM first, or raise the limit."
+            )
+
+    return admit
+
+
+class SnapshotSlots:
+    """Snapshots in progress, in the registry file: one per VM, a bounded number in all."""
+
+    def __init__(self, registry: Registry, limits: Limits) -> None:
+        self.registry = registry
+        self.limits = limits
+
+    def create(self) -> None:
+        """Create the table (idempotent)."""
+        with self.registry.transaction() as db:
+            db.execute(_SCHEMA)
+
+    @contextmanager
+    def hold(self, vm_id: str) -> Iterator[None]:
+        """Hold the snapshot slot of ``vm_id`` for the duration of the block."""
+        token = self.acquire(vm_id)
+        try:
+            yield
+        finally:
+            self.release(token)
+
+    def acquire(self, vm_id: str) -> str:
+        """Take the slot of ``vm_id``; raise SnapshotInProgress or LimitExceeded."""
+        token = uuid.uuid4().hex
+        me = os.getpid()
+        with self.registry.transaction() as db:
+            self._drop_abandoned(db)
+            holder = db.execute(
+                "SELECT started_at FROM snapshots WHERE vm_id = ?", (vm_id,)
+            ).fetchone()
+            if holder is not None:
+                raise SnapshotInProgress(
+                    f"A snapshot of VM {vm_id} is already in progress "
+                    f"(for {time.time() - holder[0]:.1f} s); try again when it has finished."
+                )
+            (busy,) = db.execute("SELECT COUNT(*) FROM snapshots").fetchone()
+            if busy >= self.limits.max_concurrent_snapshots:
+                raise LimitExceeded(
+                    f"{busy} snapshots are in progress, the server's limit "
+                    f"(VMMGATE_MAX_CONCURRENT_SNAPSHOTS={self.limits.max_concurrent_snapshots}); "
+                    "try again shortly."
+                )
+            db.execute(
+                "INSERT INTO snapshots (vm_id, token, owner_pid, owner_start, started_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (vm_id, token, me, procfs.start_time(me), time.time()),
+            )
+        return token
+
+    def release(self, token: str) -> None:
+        """Give a slot back."""
+        with self.registry.transaction() as db:
+            db.execute("DELETE FROM snapshots WHERE token = ?", (token,))
+
+    def in_progress(self) -> list[str]:
+        """Return the ids of the VMs being snapshotted right now."""
+        with self.registry.transaction() as db:
+            self._drop_abandoned(db)
+            return [row[0] for row in db.execute("SELECT vm_id FROM snapshots")]
+
+    @staticmethod
+    def _drop_abandoned(db: sqlite3.Connection) -> None:
+        """Delete the slots of workers that died while holding them."""
+        rows = db.execute(
+            "SELECT token, owner_pid, owner_start FROM snapshots"
+        ).fetchall()
+        for token, pid, start in rows:
+            if not is_same_process(pid, start):
+                db.execute("DELETE FROM snapshots WHERE token = ?", (token,))
+
+
+def check_free_space(directories: Iterable[Path], min_free_mib: int) -> None:
+    """Refuse a snapshot into a file system with less than ``min_free_mib`` MiB free.
+
+    A cheap first check before the VMM is even called; the VMM checks the exact
+    size of the VM's RAM again before it pauses the VM.
+    """
+    for directory in dict.fromkeys(directories):
+        try:
+            stats = os.statvfs(directory)
+        except OSError:
+            continue  # the path checks already said what is wrong with it
+        free = stats.f_bavail * stats.f_frsize
+        if free < min_free_mib * MIB:
+            raise InsufficientStorage(
+                f"Not enough free space in {str(directory)!r} for a snapshot: "
+                f"{free // MIB} MiB free, at least {min_free_mib} MiB needed "
+                "(VMMGATE_SNAPSHOT_MIN_FREE_MIB); free some space or choose another "
+                "directory. The VM was not paused."
+            )

@@ -1,0 +1,363 @@
+"""Configuration: the ``VMMGATE_*`` settings, validated once into :class:`Settings`.
+
+The limits (``VMMGATE_MAX_*``) and the bearer token (``VMMGATE_TOKEN`` or
+``VMMGATE_TOKEN_FILE``) are read here too; the bind address comes from
+``Rocket.toml`` (:mod:`vmmgate.infra.rocket`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from vmmgate.errors import ConfigError, flatten_messages
+from vmmgate.shared import consolelog, state
+
+FLAVORS = ("bundled", "original")
+
+#: One console log segment (console.log, rotated to console.log.1): default and range.
+#: The same numbers bound the VMM, which reads the same variable.
+CONSOLE_MAX_BYTES_DEFAULT = consolelog.DEFAULT_MAX_BYTES
+CONSOLE_MAX_BYTES_RANGE = (consolelog.MIN_MAX_BYTES, consolelog.MAX_MAX_BYTES)
+
+#: The limit settings (documented in docs/http-api.md).
+LIMIT_KEYS = (
+    "VMMGATE_MAX_VMS",
+    "VMMGATE_MAX_TOTAL_MEMORY_MIB",
+    "VMMGATE_MAX_CONCURRENT_SNAPSHOTS",
+    "VMMGATE_SNAPSHOT_MIN_FREE_MIB",
+)
+#: The bearer token settings (documented in docs/http-api.md).
+TOKEN_KEYS = ("VMMGATE_TOKEN", "VMMGATE_TOKEN_FILE")
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_LENGTH = 4096
+#: RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_GENERATE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+#: Every VMMGATE_* setting the app reads, with the meaning documented in docs/http-api.md.
+SETTING_KEYS = (
+    "VMMGATE_STATE_DIR",
+    "VMMGATE_VMM_COMMAND",
+    "VMMGATE_VMM_FLAVOR",
+    "VMMGATE_READY_TIMEOUT",
+    "VMMGATE_RPC_CONNECT_TIMEOUT",
+    "VMMGATE_RPC_TIMEOUT",
+    "VMMGATE_STOP_TIMEOUT",
+    "VMMGATE_KERNEL_ROOTS",
+    "VMMGATE_SNAPSHOT_ROOTS",
+    "VMMGATE_DEFAULT_MEMORY_MIB",
+    "VMMGATE_DEFAULT_VCPUS",
+    "VMMGATE_MAX_BODY_BYTES",
+    "VMMGATE_CONSOLE_MAX_BYTES",
+    "VMMGATE_RPC_PORTS",
+    *LIMIT_KEYS,
+    *TOKEN_KEYS,
+)
+# --- limits -------------------------------------------------------------------
+
+
+def host_memory_mib() -> int:
+    """Return the host's physical memory in MiB (MemTotal), or 64 GiB if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 64 * 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The configured limits (see LIMIT_KEYS)."""
+
+    max_vms: int = 64
+    max_total_memory_mib: int = field(default_factory=host_memory_mib)
+    max_concurrent_snapshots: int = 4
+    snapshot_min_free_mib: int = 32
+
+
+class LimitsSchema(Schema):
+    """Validates the limit settings (strings from the environment, or native)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    max_vms = fields.Integer(
+        data_key="VMMGATE_MAX_VMS", validate=validate.Range(min=1, max=100000)
+    )
+    max_total_memory_mib = fields.Integer(
+        data_key="VMMGATE_MAX_TOTAL_MEMORY_MIB", validate=validate.Range(min=16)
+    )
+    max_concurrent_snapshots = fields.Integer(
+        data_key="VMMGATE_MAX_CONCURRENT_SNAPSHOTS",
+        validate=validate.Range(min=1, max=1000),
+    )
+    snapshot_min_free_mib = fields.Integer(
+        data_key="VMMGATE_SNAPSHOT_MIN_FREE_MIB", validate=validate.Range(min=0)
+    )
+
+
+def load_limits(mapping: Mapping[str, Any]) -> Limits:
+    """Validate the limit settings present in ``mapping``; raise ConfigError."""
+    present = {key: mapping[key] for key in LIMIT_KEYS if key in mapping}
+    try:
+        data = LimitsSchema().load(present)
+    except ValidationError as exc:
+        raise ConfigError(
+            "Invalid vmmgate setting: " + flatten_messages(exc.messages)
+        ) from exc
+    return Limits(**data)
+
+
+# --- settings -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated application settings (what the domain code needs)."""
+
+    state_dir: Path
+    vmm_command: tuple[str, ...]
+    vmm_flavor: str
+    ready_timeout: float
+    rpc_connect_timeout: float
+    rpc_timeout: float
+    stop_timeout: float
+    kernel_roots: tuple[Path, ...]
+    snapshot_roots: tuple[Path, ...]
+    default_memory_mib: int
+    default_vcpus: int
+    max_body_bytes: int
+    cwd: Path
+    #: Cap of one console log segment (VMMGATE_CONSOLE_MAX_BYTES).
+    console_max_bytes: int = CONSOLE_MAX_BYTES_DEFAULT
+    #: The RPC ports VMMs may get, inclusive (VMMGATE_RPC_PORTS), or None: any free port.
+    rpc_ports: tuple[int, int] | None = None
+    limits: Limits = field(default_factory=Limits)
+    #: The bearer token every request must carry (vmmgate.web.auth), or None.
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def registry_path(self) -> Path:
+        """Return the SQLite registry file shared by all workers."""
+        return self.state_dir / "registry.sqlite3"
+
+    @property
+    def vms_dir(self) -> Path:
+        """Return the directory holding one run directory per VM."""
+        return self.state_dir / "vms"
+
+
+class _PathList(fields.Field):
+    """A list of directories: a list, or a string split on os.pathsep."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> list[str]:
+        items = value.split(os.pathsep) if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(
+            isinstance(i, (str, Path)) for i in items
+        ):
+            raise ValidationError(f"Expected directories separated by {os.pathsep!r}.")
+        return [str(i) for i in items if str(i)]
+
+
+class _Command(fields.Field):
+    """A command line: a list of words, or a string split like a shell would."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> list[str]:
+        try:
+            words = shlex.split(value) if isinstance(value, str) else list(value)
+        except (ValueError, TypeError) as exc:
+            raise ValidationError(f"Not a command line: {exc}.") from exc
+        if not words or not all(isinstance(w, str) and w for w in words):
+            raise ValidationError("Expected a non-empty command line.")
+        return words
+
+
+class _PortRange(fields.Field):
+    """An inclusive port range ``LOW-HIGH`` (1024..65535), or empty for none."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> tuple[int, int] | None:
+        if value is None or value == "":
+            return None
+        low, sep, high = str(value).partition("-")
+        try:
+            if not sep:
+                raise ValueError
+            bounds = int(low), int(high)
+        except ValueError:
+            raise ValidationError(
+                f"Expected a port range LOW-HIGH (e.g. 20000-20999), not {value!r}."
+            ) from None
+        if not 1024 <= bounds[0] <= bounds[1] <= 65535:
+            raise ValidationError(
+                f"{value!r}: give 1024 <= LOW <= HIGH <= 65535 (ports below 1024 "
+                "are privileged)."
+            )
+        return bounds
+
+
+def _seconds(**kwargs: Any) -> fields.Float:
+    """Return a field for a positive number of seconds."""
+    return fields.Float(validate=validate.Range(min=0.1, max=86400), **kwargs)
+
+
+class SettingsSchema(Schema):
+    """Validates the VMMGATE_* values (strings from the environment, or native)."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    state_dir = fields.String(
+        data_key="VMMGATE_STATE_DIR", allow_none=True, load_default=None
+    )
+    vmm_command = _Command(
+        data_key="VMMGATE_VMM_COMMAND", allow_none=True, load_default=None
+    )
+    vmm_flavor = fields.String(
+        data_key="VMMGATE_VMM_FLAVOR",
+        load_default="bundled",
+        validate=validate.OneOf(FLAVORS),
+    )
+    ready_timeout = _seconds(data_key="VMMGATE_READY_TIMEOUT", load_default=30.0)
+    rpc_connect_timeout = _seconds(
+        data_key="VMMGATE_RPC_CONNECT_TIMEOUT", load_default=2.0
+    )
+    rpc_timeout = _seconds(data_key="VMMGATE_RPC_TIMEOUT", load_default=60.0)
+    stop_timeout = _seconds(data_key="VMMGATE_STOP_TIMEOUT", load_default=10.0)
+    kernel_roots = _PathList(
+        data_key="VMMGATE_KERNEL_ROOTS", allow_none=True, load_default=None
+    )
+    snapshot_roots = _PathList(
+        data_key="VMMGATE_SNAPSHOT_ROOTS", allow_none=True, load_default=None
+    )
+    default_memory_mib = fields.Integer(
+        data_key="VMMGATE_DEFAULT_MEMORY_MIB",
+        load_default=256,
+        validate=validate.Range(min=16, max=1 << 20),
+    )
+    default_vcpus = fields.Integer(
+        data_key="VMMGATE_DEFAULT_VCPUS",
+        load_default=1,
+        validate=validate.Range(min=1, max=255),
+    )
+    max_body_bytes = fields.Integer(
+        data_key="VMMGATE_MAX_BODY_BYTES",
+        load_default=1 << 20,
+        validate=validate.Range(min=1024),
+    )
+    console_max_bytes = fields.Integer(
+        data_key="VMMGATE_CONSOLE_MAX_BYTES",
+        load_default=CONSOLE_MAX_BYTES_DEFAULT,
+        validate=validate.Range(*CONSOLE_MAX_BYTES_RANGE),
+    )
+    rpc_ports = _PortRange(
+        data_key="VMMGATE_RPC_PORTS", allow_none=True, load_default=None
+    )
+
+
+def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
+    """Return the VMMGATE_* settings present in ``environ``."""
+    return {key: environ[key] for key in SETTING_KEYS if key in environ}
+
+
+def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settings:
+    """Validate a mapping of VMMGATE_* keys into Settings; raise ConfigError."""
+    present = {key: mapping[key] for key in SETTING_KEYS if key in mapping}
+    try:
+        data = SettingsSchema().load(present)
+    except ValidationError as exc:
+        raise ConfigError(
+            "Invalid vmmgate setting: " + flatten_messages(exc.messages)
+        ) from exc
+    cwd = Path(cwd or os.getcwd()).resolve()
+    state_dir = (
+        _absolute(data["state_dir"], cwd) if data["state_dir"] else state.state_dir()
+    )
+    if "," in str(state_dir):
+        # Start-up scripts live under it and the VMM command line uses "," as separator.
+        raise ConfigError(f"VMMGATE_STATE_DIR must not contain a comma: {state_dir}")
+    default_roots = [str(cwd), str(state_dir)]
+    command = list(data["vmm_command"] or (sys.executable, "-m", "vmmgate.vmm"))
+    if "/" in command[0] and not os.path.isabs(command[0]):
+        # The VMM runs in its own run directory: anchor a relative program to ours.
+        command[0] = os.path.normpath(os.path.join(cwd, command[0]))
+    return Settings(
+        state_dir=state_dir,
+        vmm_command=tuple(command),
+        vmm_flavor=data["vmm_flavor"],
+        ready_timeout=data["ready_timeout"],
+        rpc_connect_timeout=data["rpc_connect_timeout"],
+        rpc_timeout=data["rpc_timeout"],
+        stop_timeout=data["stop_timeout"],
+        kernel_roots=_roots(data["kernel_roots"] or default_roots, cwd),
+        snapshot_roots=_roots(data["snapshot_roots"] or default_roots, cwd),
+        default_memory_mib=data["default_memory_mib"],
+        default_vcpus=data["default_vcpus"],
+        max_body_bytes=data["max_body_bytes"],
+        cwd=cwd,
+        console_max_bytes=data["console_max_bytes"],
+        rpc_ports=data["rpc_ports"],
+        limits=load_limits(mapping),
+        token=load_token(mapping, cwd),
+    )
+
+
+def _absolute(path: str, cwd: Path) -> Path:
+    """Resolve ``path`` against ``cwd`` and through symlinks."""
+    return Path(os.path.realpath(os.path.join(cwd, os.path.expanduser(path))))
+
+
+def _roots(paths: list[str], cwd: Path) -> tuple[Path, ...]:
+    """Resolve root directories, dropping duplicates but keeping order."""
+    seen: dict[Path, None] = {}
+    for path in paths:
+        seen.setdefault(_absolute(path, cwd), None)
+    return tuple(seen)
+
+
+def load_token(mapping: Mapping[str, Any], cwd: Path) -> str | None:
+    """Return the configured token (VMMGATE_TOKEN or VMMGATE_TOKEN_FILE), or None."""
+    value = mapping.get("VMMGATE_TOKEN") or None
+    path = mapping.get("VMMGATE_TOKEN_FILE") or None
+    if value is not None and path is not None:
+        raise ConfigError("Set either VMMGATE_TOKEN or VMMGATE_TOKEN_FILE, not both.")
+    source = "VMMGATE_TOKEN"
+    if path is not None:
+        source = f"VMMGATE_TOKEN_FILE ({path})"
+        try:
+            value = Path(cwd, os.path.expanduser(str(path))).read_text("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"Cannot read the token file {path}: {exc}") from exc
+        if not value:
+            raise ConfigError(f"The token file {path} is empty.")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ConfigError(
+            f"The token in {source} must be letters, digits and -._~+/ "
+            "(optionally ending in =), as a bearer token is; generate one with "
+            f"{_GENERATE}"
+        )
+    if not MIN_TOKEN_LENGTH <= len(value) <= MAX_TOKEN_LENGTH:
+        raise ConfigError(
+            f"The token in {source} must be {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH} "
+            f"characters long; generate one with {_GENERATE}"
+        )
+    return value

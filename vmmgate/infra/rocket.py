@@ -1,0 +1,188 @@
+"""``Rocket.toml`` for the bind address, and the rest of what gunicorn.conf.py needs.
+
+Rocket.toml profiles are lowercase tables (``[default]``, ``[debug]``, ...), so
+``app.config.from_file`` would silently load nothing: it is parsed here on
+purpose, merged the way Rocket 0.5 merges it, and validated with a schema.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+from vmmgate.errors import ConfigError, flatten_messages
+from vmmgate.infra.config import from_environ, load_settings
+from vmmgate.shared import state
+
+#: Rocket debug builds select the "debug" profile unless ROCKET_PROFILE says otherwise.
+DEFAULT_PROFILE = "debug"
+#: Rocket's built-in values, used only when no Rocket.toml is found at all.
+ROCKET_BUILTIN = {"address": "127.0.0.1", "port": 8000}
+#: The shipped Rocket.toml (the original's), used when the working tree has none.
+SHIPPED_ROCKET_TOML = state.PROJECT_ROOT / "Rocket.toml"
+#: Read by gunicorn.conf.py only.
+SERVER_KEYS = ("VMMGATE_WORKERS", "VMMGATE_THREADS")
+
+
+@dataclass(frozen=True)
+class BindAddress:
+    """Where the HTTP server listens."""
+
+    address: str
+    port: int
+
+    @property
+    def gunicorn_bind(self) -> str:
+        """Return the address in gunicorn's ``HOST:PORT`` form."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """Tell whether only this machine can reach the server."""
+        return ipaddress.ip_address(self.address).is_loopback
+
+
+def _ip(value: str) -> None:
+    """Refuse anything that is not an IPv4 or IPv6 address (Rocket's IpAddr)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValidationError(f"{value!r} is not an IP address.") from exc
+
+
+class RocketProfileSchema(Schema):
+    """The keys of a merged Rocket profile vmmgate uses; the rest are Rocket's own."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    address = fields.String(required=True, validate=_ip)
+    port = fields.Integer(
+        required=True, strict=True, validate=validate.Range(min=0, max=65535)
+    )
+
+
+def find_rocket_toml(environ: Mapping[str, str], cwd: Path) -> Path | None:
+    """Locate Rocket.toml like Rocket: ROCKET_CONFIG, else cwd and its parents."""
+    name = Path(environ.get("ROCKET_CONFIG") or "Rocket.toml")
+    if name.is_absolute():
+        return name if name.is_file() else None
+    for directory in (cwd, *cwd.parents):
+        if (directory / name).is_file():
+            return directory / name
+    # Run from elsewhere, the shipped file keeps the original's 0.0.0.0:8010.
+    return SHIPPED_ROCKET_TOML if SHIPPED_ROCKET_TOML.is_file() else None
+
+
+def rocket_profile(
+    document: Mapping[str, Any], profile: str, source: str
+) -> dict[str, Any]:
+    """Merge default < ``profile`` < global, the way Rocket's nested TOML does."""
+    merged: dict[str, Any] = {}
+    for name in ("default", profile, "global"):
+        table = document.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table of settings")
+        merged.update(table)
+    return merged
+
+
+def rocket_bind(
+    environ: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> BindAddress:
+    """Return the bind address from Rocket.toml and ROCKET_* variables."""
+    environ = os.environ if environ is None else environ
+    cwd = Path(cwd or os.getcwd())
+    profile = environ.get("ROCKET_PROFILE") or DEFAULT_PROFILE
+    values: dict[str, Any] = dict(ROCKET_BUILTIN)
+    path = find_rocket_toml(environ, cwd)
+    source = str(path) if path else "built-in defaults"
+    if path is not None:
+        try:
+            document = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"Cannot read {path}: {exc}") from exc
+        values.update(rocket_profile(document, profile, source))
+    if "ROCKET_ADDRESS" in environ:
+        values["address"] = environ["ROCKET_ADDRESS"]
+        source += " + ROCKET_ADDRESS"
+    if "ROCKET_PORT" in environ:
+        try:
+            values["port"] = int(environ["ROCKET_PORT"])
+        except ValueError as exc:
+            raise ConfigError(
+                f"ROCKET_PORT must be an integer, not {environ['ROCKET_PORT']!r}"
+            ) from exc
+        source += " + ROCKET_PORT"
+    try:
+        data = RocketProfileSchema().load(values)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"Invalid Rocket settings (profile {profile!r}, {source}): "
+            + flatten_messages(exc.messages)
+        ) from exc
+    return BindAddress(address=data["address"], port=data["port"])
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What gunicorn.conf.py needs."""
+
+    bind: BindAddress
+    workers: int
+    threads: int
+    timeout: int
+    #: Whether requests must carry a bearer token (VMMGATE_TOKEN / _FILE).
+    token_required: bool = False
+
+
+class _ServerSchema(Schema):
+    """Validates VMMGATE_WORKERS and VMMGATE_THREADS."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+    workers = fields.Integer(
+        data_key="VMMGATE_WORKERS",
+        load_default=2,
+        validate=validate.Range(min=1, max=64),
+    )
+    threads = fields.Integer(
+        data_key="VMMGATE_THREADS",
+        load_default=4,
+        validate=validate.Range(min=1, max=256),
+    )
+
+
+def server_settings(
+    environ: Mapping[str, str] | None = None, cwd: Path | None = None
+) -> ServerSettings:
+    """Return gunicorn's bind address, worker/thread counts and request timeout."""
+    environ = os.environ if environ is None else environ
+    try:
+        data = _ServerSchema().load(
+            {k: environ[k] for k in SERVER_KEYS if k in environ}
+        )
+    except ValidationError as exc:
+        raise ConfigError(
+            "Invalid gunicorn setting: " + flatten_messages(exc.messages)
+        ) from exc
+    app_settings = load_settings(from_environ(environ), cwd)
+    # A request may wait for a VMM to get ready or for a long RPC call; the
+    # worker must outlive both or gunicorn would kill it mid-request.
+    timeout = int(max(app_settings.ready_timeout, app_settings.rpc_timeout) + 30)
+    return ServerSettings(
+        bind=rocket_bind(environ, cwd),
+        workers=data["workers"],
+        threads=data["threads"],
+        timeout=timeout,
+        token_required=app_settings.token is not None,
+    )

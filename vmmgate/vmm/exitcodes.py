@@ -1,7 +1,0 @@
-"""The VMM's exit statuses (documented in docs/vmm-protocol.md)."""
-
-OK = 0  # shutdown RPC, SIGTERM/SIGINT, or the guest powered off
-START_FAILED = 1  # QEMU or the RPC socket could not be set up
-USAGE = 2  # bad command line (argparse)
-QEMU_DIED = 3  # QEMU exited abnormally while the VM ran
-BAD_INPUT = 4  # kernel/snapshot files missing, damaged or not a pair; bad tap device

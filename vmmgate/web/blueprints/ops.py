@@ -1,0 +1,138 @@
+"""Operations: ``/healthz``, ``/metrics``, ``/openapi.json`` and the ``/docs`` page."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from flask import Blueprint, Response, abort, current_app, jsonify, send_from_directory
+from werkzeug.exceptions import ServiceUnavailable
+
+from vmmgate.core import health
+from vmmgate.web import metrics, openapi
+from vmmgate.web.extensions import get_lifecycle, get_service, get_settings
+from vmmgate.web.vm_schemas import HEALTH
+
+bp = Blueprint("ops", __name__)
+
+#: The Swagger UI files the docs page loads (from the swagger-ui-bundle package).
+SWAGGER_FILES = frozenset(
+    {
+        "swagger-ui.css",
+        "index.css",
+        "swagger-ui-bundle.js",
+        "swagger-ui-standalone-preset.js",
+        "favicon-32x32.png",
+        "favicon-16x16.png",
+    }
+)
+
+_SWAGGER_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+  <meta charset="utf-8">
+  <title>vmmgate API</title>
+  <link rel="stylesheet" href="docs/swagger-ui.css">
+  <link rel="stylesheet" href="docs/index.css">
+  <link rel="icon" type="image/png" href="docs/favicon-32x32.png" sizes="32x32">
+</head>
+<body>
+  <div id="swagger-ui"></div>
+  <script src="docs/swagger-ui-bundle.js"></script>
+  <script src="docs/swagger-ui-standalone-preset.js"></script>
+  <script src="docs/init.js"></script>
+</body>
+</html>
+"""
+
+_SWAGGER_INIT = """window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "openapi.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    layout: "StandaloneLayout",
+  });
+};
+"""
+
+
+def swagger_ui_dir() -> Path | None:
+    """Return the directory of Swagger UI's files, or None if the package is missing."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        return None
+    path = Path(str(swagger_ui_path))
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+def plain_docs_page() -> str:
+    """Return a self-contained page listing the operations (no JavaScript needed)."""
+    doc = openapi.document()
+    rows = []
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            codes = ", ".join(c for c in operation["responses"] if c != "default")
+            rows.append(
+                f"<tr><td><code>{html.escape(method.upper())}</code></td>"
+                f"<td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(operation.get('summary', ''))}"
+                f"<br><small>{html.escape(operation.get('description', ''))}</small></td>"
+                f"<td>{html.escape(codes)}</td></tr>"
+            )
+    return (
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
+        "<title>vmmgate API</title></head><body>"
+        f"<h1>vmmgate API {html.escape(doc['info']['version'])}</h1>"
+        '<p>The full OpenAPI 3 document: <a href="openapi.json">/openapi.json</a>. '
+        'Every error is <code>{"error": {"code", "reason", "description"}}'
+        '</code>.</p><table border="1" cellpadding="4">'
+        "<tr><th>method</th><th>path</th><th>what</th><th>statuses</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    """Answer 200 with every check when healthy, else 503 naming the failed checks."""
+    report = health.check(get_settings(current_app), get_service(current_app).registry)
+    if not report.ok:
+        raise ServiceUnavailable("Unhealthy: " + report.failures())
+    return jsonify(HEALTH.dump({"status": report.status, "checks": report.checks}))
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """Answer every metric in Prometheus' text format."""
+    body = metrics.scrape(get_lifecycle(current_app))
+    return Response(body, content_type=metrics.CONTENT_TYPE)
+
+
+@bp.get("/openapi.json")
+def openapi_json() -> Response:
+    """Answer the OpenAPI 3 document."""
+    return jsonify(openapi.document())
+
+
+@bp.get("/docs")
+def docs() -> Response:
+    """Answer the interactive API page (Swagger UI), or a plain list without it."""
+    page = _SWAGGER_PAGE if swagger_ui_dir() is not None else plain_docs_page()
+    return Response(page, mimetype="text/html")
+
+
+@bp.get("/docs/init.js")
+def docs_init() -> Response:
+    """Answer the script that points Swagger UI at /openapi.json."""
+    return Response(_SWAGGER_INIT, mimetype="text/javascript")
+
+
+@bp.get("/docs/<name>")
+def docs_asset(name: str) -> Response:
+    """Answer one of Swagger UI's own files."""
+    directory = swagger_ui_dir()
+    if directory is None or name not in SWAGGER_FILES:
+        abort(404)
+    return send_from_directory(directory, name, max_age=3600)

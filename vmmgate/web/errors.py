@@ -1,0 +1,170 @@
+"""The one place errors become HTTP: statuses and the original server's error JSON.
+
+Every error, on every route, is ``{"error": {"code", "reason", "description"}}``
+(Rocket's shape), never an HTML page and never a traceback. That includes the
+requests gunicorn itself rejects before Flask sees them: a malformed request
+line or header makes gunicorn answer with its own HTML page
+(``gunicorn.util.write_error``), so :func:`install_gunicorn_errors` replaces
+that function, in the master before the workers fork.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException
+from werkzeug.http import HTTP_STATUS_CODES
+
+from vmmgate.errors import (
+    ConfigError,
+    InsufficientStorage,
+    InvalidRequest,
+    LaunchError,
+    LimitExceeded,
+    MalformedBody,
+    NoFreePort,
+    RemoteConflict,
+    RemoteInternal,
+    RemoteInvalid,
+    RemoteIOError,
+    RemoteNoSpace,
+    RpcConnectionLost,
+    RpcError,
+    RpcTimeout,
+    RpcUnreachable,
+    StateDirUnusable,
+    Unauthorized,
+    VmConflict,
+    VmmgateError,
+    VmmReadyTimeout,
+    VmmStartError,
+    VmNotFound,
+)
+from vmmgate.web.schemas import ERROR
+
+log = logging.getLogger(__name__)
+
+#: Status per error class; the most specific class in an error's MRO wins.
+STATUS: dict[type[VmmgateError], int] = {
+    MalformedBody: 400,  # Rocket's Json guard: syntax error
+    InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
+    Unauthorized: 401,
+    VmNotFound: 404,
+    VmConflict: 409,
+    LimitExceeded: 429,
+    InsufficientStorage: 507,
+    StateDirUnusable: 503,
+    VmmStartError: 500,
+    VmmReadyTimeout: 504,
+    NoFreePort: 503,
+    LaunchError: 500,
+    RpcUnreachable: 502,
+    RpcConnectionLost: 502,
+    RpcTimeout: 504,
+    RemoteInvalid: 422,
+    RemoteConflict: 409,
+    RemoteNoSpace: 507,
+    RemoteIOError: 500,
+    RemoteInternal: 500,
+    RpcError: 502,
+    ConfigError: 500,
+    VmmgateError: 500,
+}
+
+#: Fixed reason phrases (Python 3.13 renamed 422; Rocket says "Unprocessable Entity").
+REASONS = {422: "Unprocessable Entity", 507: "Insufficient Storage"}
+
+INTERNAL_DESCRIPTION = "The server hit an unexpected error; the details are in its log."
+
+
+def status_for(error: VmmgateError) -> int:
+    """Return the HTTP status for a domain error."""
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def reason(code: int) -> str:
+    """Return the reason phrase for ``code``."""
+    return REASONS.get(code) or HTTP_STATUS_CODES.get(code, "Error")
+
+
+def error_response(code: int, description: str | None) -> Response:
+    """Build the original server's error body with status ``code``."""
+    body = ERROR.dump(
+        {"error": {"code": code, "reason": reason(code), "description": description}}
+    )
+    response = jsonify(body)
+    response.status_code = code
+    return response
+
+
+def _domain_error(error: VmmgateError) -> Response:
+    """Answer a domain error with its status and its own description."""
+    code = status_for(error)
+    if code >= 500:
+        log.error("%s: %s", type(error).__name__, error.description)
+    else:
+        log.info("refused (%s %s): %s", code, type(error).__name__, error.description)
+    response = error_response(code, error.description)
+    response.headers.update(getattr(error, "headers", {}))
+    return response
+
+
+def _http_error(error: HTTPException) -> Response:
+    """Answer Werkzeug's errors (404, 405, 413, ...) in the same shape, keeping their headers."""
+    code = error.code or 500
+    response = error_response(code, error.description)
+    for name, value in error.get_headers():
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    return response
+
+
+def _unexpected(error: Exception) -> Response:
+    """Answer anything unplanned with a 500 and no traceback (the log has it)."""
+    log.error("unhandled error", exc_info=error)
+    return error_response(500, INTERNAL_DESCRIPTION)
+
+
+def init_app(app: Flask) -> None:
+    """Register the error handlers on ``app``."""
+    app.register_error_handler(VmmgateError, _domain_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected)
+
+
+def write_json_error(
+    sock: socket.socket, status_int: int, reason: str, mesg: str
+) -> None:
+    """Write a complete error response in the original's shape and let gunicorn close."""
+    from gunicorn import util
+
+    body = json.dumps(
+        {
+            "error": {
+                "code": int(status_int),
+                "reason": reason,
+                "description": mesg or None,
+            }
+        }
+    ).encode()
+    head = (
+        f"HTTP/1.1 {int(status_int)} {reason}\r\n"
+        "Connection: close\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
+    util.write_nonblock(sock, head + body)
+
+
+def install_gunicorn_errors() -> None:
+    """Make gunicorn's workers answer their own errors in JSON (gunicorn.conf.py)."""
+    # Imported here: a Flask app without gunicorn (``flask run``) never needs it.
+    from gunicorn import util
+
+    util.write_error = write_json_error
