@@ -30,18 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.server import free_port
 from vmmgate.errors import RpcError
 from vmmgate.infra import rpc
 
 FAKE_VMM = str(ROOT / "tests" / "fakevmm.py")
 TIMEOUT = 0.3
-
-
-def free_port() -> int:
-    """Return a port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -54,7 +54,7 @@ def children_of(pid: int) -> list[int]:
     ]
 
 
-def _cmdline(pid: int) -> bytes:
+def cmdline(pid: int) -> bytes:
     """Return a process's command line (empty if it is gone)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
@@ -149,8 +149,8 @@ class Server:
     def workers(self) -> list[int]:
         """Return the pids of the gunicorn workers (not the VMMs the master adopted)."""
         # Workers are forked from the master: they share its command line.
-        master = _cmdline(self.pid)
-        return [pid for pid in children_of(self.pid) if _cmdline(pid) == master]
+        master = cmdline(self.pid)
+        return [pid for pid in children_of(self.pid) if cmdline(pid) == master]
 
     def request(
         self,

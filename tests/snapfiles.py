@@ -1,4 +1,5 @@
-"""Valid snapshot pairs in the bundled VMM's format, written without QEMU (fast tests)."""
+"""Snapshot files in tests: valid pairs in the bundled VMM's format written without
+QEMU (fast tests), and the digest that tells whether a file changed (every suite)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,12 @@ def make_pair(
         os.ftruncate(out.fileno(), size)
         os.pwrite(out.fileno(), memory_trailer_block(snapshot_id, size), size)
     return snapshot_id
+
+
+def sha256(path: Path) -> str:
+    """Return the SHA-256 of a file, read a MiB at a time (snapshots are large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fobj:
+        for block in iter(lambda: fobj.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

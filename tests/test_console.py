@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.server import wait_for
-from vmmgate.core.lifecycle import _Console, _Follower, _read_console
+from vmmgate.core.console import _Console, _Follower, read_console
 from vmmgate.shared.consolelog import (
     DEFAULT_MAX_BYTES,
     ENV,
@@ -135,11 +135,11 @@ def test_read_is_bounded_and_starts_on_a_line(tmp_path: Path) -> None:
     console = ConsoleLog(path, CAP)
     console.write(lines(1, 300))
     console.close()
-    body = b"".join(_read_console(path, None, 700))
+    body = b"".join(read_console(path, None, 700))
     assert len(body) <= 700 and body.startswith(b"vmmgate-guest: counter ")
     assert lines(1, 300).endswith(body)
     # A limit above what is kept: both segments, whole.
-    assert b"".join(_read_console(path, None, 10 * CAP)) == retained(path)
+    assert b"".join(read_console(path, None, 10 * CAP)) == retained(path)
 
 
 def test_tail_spans_both_segments(tmp_path: Path) -> None:
@@ -147,8 +147,8 @@ def test_tail_spans_both_segments(tmp_path: Path) -> None:
     path = tmp_path / "console.log"
     rotated_path(path).write_bytes(lines(1, 10))
     path.write_bytes(lines(11, 12))
-    assert b"".join(_read_console(path, 4, CAP)) == lines(9, 12)
-    assert b"".join(_read_console(path, 100, CAP)) == lines(1, 12)
+    assert b"".join(read_console(path, 4, CAP)) == lines(9, 12)
+    assert b"".join(read_console(path, 100, CAP)) == lines(1, 12)
 
 
 def test_same_file_under_both_names_is_read_once(tmp_path: Path) -> None:

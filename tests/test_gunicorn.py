@@ -68,7 +68,8 @@ def _boot(server: Server) -> dict[str, int]:
 
 def test_listens_on_rocket_address_with_two_workers(server: Server) -> None:
     """ROCKET_ADDRESS/ROCKET_PORT pick the bind; 2 workers; errors are JSON."""
-    assert len(server.workers()) == 2
+    # The master answers through its first worker; the second may still be forking.
+    wait_for(lambda: len(server.workers()) == 2, 30, "two gunicorn workers")
     response = server.request("GET", "/create")
     assert (
         response.status == 405

@@ -15,7 +15,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.fakevmm import FAKE_SSH_PORT
-from vmmgate.core import service
+from vmmgate.core import flavors
 from vmmgate.errors import SnapshotMismatch
 from vmmgate.infra import rpc
 from vmmgate.infra.procfs import is_same_process
@@ -184,10 +184,10 @@ def test_unexpected_error_is_500_without_traceback(
 ) -> None:
     """A bug answers 500 in the same shape and hides its details."""
 
-    def boom(_request: object) -> None:
+    def boom(_port: int) -> None:
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(get_service(app), "snapshot", boom)
+    monkeypatch.setattr(get_service(app), "id_on_port", boom)
     error = assert_error(client.post("/snapshot", json=snap_body(1)), 500)
     assert "secret" not in error["description"]
 
@@ -455,7 +455,7 @@ def test_restore_checks_the_pair_before_launching(
             f"Cannot restore from these snapshot files: {cpu.name} is truncated"
         )
 
-    monkeypatch.setattr(service, "verify_snapshot_pair", reject)
+    monkeypatch.setattr(flavors, "verify_snapshot_pair", reject)
     body = {
         "cpu_snapshot_path": "cpu",
         "memory_snapshot_path": "mem",
@@ -477,7 +477,7 @@ def test_restore_launches_with_the_snapshot_paths(
     """resume=true passes --cpu_path/--memory_path (resolved); kernel_path is ignored."""
     (work / "cpu").write_bytes(b"x")
     (work / "mem").write_bytes(b"y")
-    monkeypatch.setattr(service, "verify_snapshot_pair", lambda cpu, mem: None)
+    monkeypatch.setattr(flavors, "verify_snapshot_pair", lambda cpu, mem: None)
     body = {
         "cpu_snapshot_path": "cpu",
         "memory_snapshot_path": str(work / "mem"),

@@ -6,6 +6,7 @@ same against real VMs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -23,10 +24,16 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.conftest import FAKE_VMM
 from tests.server import wait_for
 from tests.test_http import assert_error, boot_body
-from vmmgate.core import lifecycle as lifecycle_module
-from vmmgate.core.lifecycle import _tail_offset, describe_exit
+from vmmgate.core import states
+from vmmgate.core.console import _tail_offset
+from vmmgate.core.flavors import BundledFlavor, LaunchSpec
+from vmmgate.core.rundir import RunDir
+from vmmgate.core.states import describe_exit
+from vmmgate.core.vmm_handle import VmmHandle
+from vmmgate.errors import VmmStartError
 from vmmgate.infra import procfs, rpc
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.infra.registry import Registry
@@ -34,6 +41,7 @@ from vmmgate.model import VmKind, VmRecord, VmState
 from vmmgate.web import openapi
 from vmmgate.web.blueprints.ops import plain_docs_page
 from vmmgate.web.extensions import get_service
+from vmmgate.web.vm_schemas import VM_SNAPSHOT_REQUEST
 
 VM_KEYS = {
     "id",
@@ -55,6 +63,11 @@ VM_KEYS = {
     "exit_description",
     "vmm_status",
 }
+
+
+#: The fake VMM as a VMM command line, and a boot for it (it ignores the kernel).
+FAKE_COMMAND = (sys.executable, str(FAKE_VMM))
+BOOT_SPEC = LaunchSpec(VmKind.BOOT, kernel_path=Path("vmlinuz"))
 
 
 def boot(client: FlaskClient, kernel: Path) -> dict[str, Any]:
@@ -238,6 +251,14 @@ def test_snapshot_by_id_like_snapshot(
     status = rpc.call(port, "status", timeout=10)
     assert status["state"] == "paused" and status["snapshots_taken"] == 1
     assert answer["vm"]["state"] == "paused"
+    # The snapshot as a value: the files the VMM wrote, their sizes, the guest.
+    snapshot = answer["snapshot"]
+    assert snapshot["vm_id"] == vm_id and snapshot["resume"] is False
+    assert snapshot["memory_snapshot_path"] == str(work / "m.snap")
+    assert snapshot["cpu_bytes"] == (work / "c.snap").stat().st_size > 0
+    assert snapshot["memory_bytes"] == (work / "m.snap").stat().st_size > 0
+    assert snapshot["memory_mib"] == answer["vm"]["memory_mib"]
+    assert snapshot["snapshot_id"] is None  # the fake VMM writes no header
     # Paths are checked as for /snapshot.
     outside = {**body, "cpu_snapshot_path": "/etc/x.snap", "resume": True}
     assert_error(client.post(f"/vms/{vm_id}/snapshot", json=outside), 422)
@@ -321,7 +342,7 @@ def test_delete_kills_a_vmm_that_ignores_shutdown(
         ),
         daemon=True,
     )
-    with caplog.at_level(logging.INFO, logger="vmmgate.core.lifecycle"):
+    with caplog.at_level(logging.INFO, logger="vmmgate.core.vmm_handle"):
         deleter.start()
         deleter.join(120)
     assert responses, "DELETE ?timeout=0.5 waited for the 600 s default"
@@ -622,11 +643,67 @@ def test_docs_page(client: FlaskClient) -> None:
     assert_error(client.get("/docs/index.html"), 404)
 
 
-def test_plain_docs_page_lists_every_operation() -> None:
+def test_plain_docs_page_lists_every_operation(app: Flask) -> None:
     """Without Swagger UI, the page is a plain table of the operations."""
-    page = plain_docs_page()
-    for method, path in _spec_routes(openapi.document()):
+    with app.app_context():
+        page = plain_docs_page()
+    for method, path in _spec_routes(openapi.document(app)):
         assert f"<code>{method}</code></td><td><code>{path}</code>" in page
+
+
+def test_document_is_read_off_the_declared_views(
+    make_app: Callable[..., Flask],
+) -> None:
+    """A declared view is in the document as it declares itself; an undeclared one is not.
+
+    With a token set, a view declared public needs none; any other does.
+    """
+    from flask import Blueprint
+
+    app = make_app(VMMGATE_TOKEN="declared-views-token-0123456789")
+    extra = Blueprint("extra", __name__)
+    declare = openapi.Declarations("vms")
+
+    @extra.post("/extra/<vm_id>")
+    @declare("Echo", body=VM_SNAPSHOT_REQUEST, errors=(409,), public=True)
+    def echo_extra(vm_id: str, body: Any) -> dict[str, Any]:
+        return {"vm_id": vm_id, "resume": body.resume}
+
+    @extra.get("/undeclared")
+    def undeclared() -> str:
+        return "plain"
+
+    app.register_blueprint(extra)
+    doc = openapi.document(app)
+    assert "/undeclared" not in doc["paths"]
+    operation = doc["paths"]["/extra/{vm_id}"]["post"]
+    assert operation["operationId"] == "echoExtra"
+    assert operation["tags"] == ["vms"] and operation["security"] == []
+    # Path, body and the declared errors; no 401 on a public route.
+    assert set(operation["responses"]) == {
+        "200",
+        "400",
+        "404",
+        "409",
+        "413",
+        "422",
+        "default",
+    }
+    assert operation["parameters"][0]["name"] == "vm_id"
+    assert "VmSnapshotRequest" in str(operation["requestBody"])
+    client = app.test_client()
+    # The declared body schema is the one that loads: a bad body is the usual 422.
+    assert_error(client.post("/extra/x", data=b'{"resume": 1}'), 422, "resume")
+    body = {"cpu_snapshot_path": "c", "memory_snapshot_path": "m", "resume": False}
+    answer = client.post("/extra/x", data=json.dumps(body))
+    assert answer.status_code == 200 and answer.get_json() == {
+        "vm_id": "x",
+        "resume": False,
+    }
+    assert_error(client.get("/undeclared"), 401, "bearer token")
+    # A wrong method on a public fixed path is still a 405, as before.
+    assert_error(client.post("/healthz"), 405)
+    assert client.head("/healthz").status_code == 200
 
 
 def test_gunicorn_master_records_adopted_vmms_exit_status(tmp_path: Path) -> None:
@@ -672,9 +749,57 @@ def test_gunicorn_master_records_adopted_vmms_exit_status(tmp_path: Path) -> Non
     assert result.stdout.strip() == "ok", result.stderr
 
 
+def test_a_vmm_handle_owns_its_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spawn, ready, the shutdown RPC on leaving the block, reaped: no zombie left."""
+    monkeypatch.setenv("FAKE_VMM_MODE", "ok")
+    exits: list[int] = []
+    vms_dir = tmp_path / "vms"
+    handle = VmmHandle("h1", RunDir.make(vms_dir, "h1", None), BundledFlavor())
+    handle.listen()
+    with handle:
+        pid = handle.spawn(FAKE_COMMAND, BOOT_SPEC, dict(os.environ), exits.append)
+        assert handle.wait_ready(10)["state"] == "running"
+        assert rpc.call(handle.port, "status")["state"] == "running"
+        assert handle.alive
+    assert exits == [0], "the reaper did not hand on the exit status"
+    assert procfs.read_stat(pid) is None, "the VMM was left a zombie"
+    assert "--listen-fd" in handle.argv
+    handle.run_dir.remove(vms_dir)
+    assert not (vms_dir / "h1").exists()
+
+
+def test_a_vmm_that_dies_at_start_is_a_typed_error_with_evidence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """VmmStartError carries the exit status, the argv and the log's last lines."""
+    monkeypatch.setenv("FAKE_VMM_MODE", "die")
+    handle = VmmHandle("h2", RunDir.make(tmp_path / "vms", "h2", None), BundledFlavor())
+    handle.listen()
+    with pytest.raises(VmmStartError) as caught, handle:
+        handle.spawn(FAKE_COMMAND, BOOT_SPEC, dict(os.environ))
+        handle.wait_ready(10)
+    assert caught.value.exit_code == 3
+    assert caught.value.argv == handle.argv and handle.argv[0] == sys.executable
+    assert caught.value.log_tail and caught.value.log_tail in str(caught.value)
+
+
+def test_a_rebuilt_handle_stops_a_vmm_another_process_started(
+    app: Flask, client: FlaskClient, kernel: Path
+) -> None:
+    """From the registry row alone: shutdown RPC, the VMM exits (its reaper records it)."""
+    answer = boot(client, kernel)
+    record = get_service(app).registry.get(answer["id"])
+    assert record is not None
+    handle = VmmHandle.from_record(record, BundledFlavor())
+    assert handle.alive and handle.ready
+    handle.stop(5)
+    assert not is_same_process(record.pid, record.pid_start_time)
+    assert vm(client, record.id)["state"] == "exited"
+
+
 def test_lifecycle_guard_table_covers_every_action() -> None:
     """Each action names the states it is allowed from; stop never from starting."""
-    assert set(lifecycle_module.ALLOWED) == set(lifecycle_module.Action)
-    assert (
-        VmState.STARTING not in lifecycle_module.ALLOWED[lifecycle_module.Action.STOP]
-    )
+    assert set(states.ALLOWED) == set(states.Action)
+    assert VmState.STARTING not in states.ALLOWED[states.Action.STOP]

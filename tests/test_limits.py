@@ -231,7 +231,7 @@ def test_one_snapshot_per_vm_at_a_time(
     """A slot held through the other app: 409, nothing written, the VMM not paused."""
     first, second, port = two_workers
     vm_id = get_service(first).registry.find_live_by_port(port).id  # type: ignore[union-attr]
-    slots = get_service(second).guard.slots
+    slots = get_service(second).snapshots.slots
     token = slots.acquire(vm_id)
     try:
         assert_error(
@@ -253,7 +253,7 @@ def test_concurrent_snapshots_in_total(
 ) -> None:
     """Over VMMGATE_MAX_CONCURRENT_SNAPSHOTS: 429 naming it; a freed slot lets it through."""
     first, second, port = two_workers
-    slots = get_service(second).guard.slots
+    slots = get_service(second).snapshots.slots
     tokens = [slots.acquire("other-vm-1"), slots.acquire("other-vm-2")]
     try:
         assert_error(
@@ -290,7 +290,7 @@ def test_slot_of_a_dead_worker_is_taken_back(
     assert (
         first.test_client().post("/snapshot", json=snap_body(port)).status_code == 200
     )
-    assert service.guard.slots.in_progress() == []
+    assert service.snapshots.slots.in_progress() == []
 
 
 def test_slot_is_released_when_the_vmm_fails(
@@ -303,7 +303,7 @@ def test_slot_is_released_when_the_vmm_fails(
     port = client.post("/create", json=boot_body("vmlinuz")).get_json()["port"]
     for _ in range(2):
         assert_error(client.post("/snapshot", json=snap_body(port)), 507, "No space")
-    assert get_service(app).guard.slots.in_progress() == []
+    assert get_service(app).snapshots.slots.in_progress() == []
 
 
 def test_too_little_free_disk_is_507_before_the_vm_is_paused(
@@ -323,4 +323,4 @@ def test_too_little_free_disk_is_507_before_the_vm_is_paused(
     assert error["reason"] == "Insufficient Storage"
     assert rpc.VmmClient(port).status()["state"] == "running"
     assert not (work / "cpu.snap").exists() and not (work / "mem.snap").exists()
-    assert get_service(app).guard.slots.in_progress() == []
+    assert get_service(app).snapshots.slots.in_progress() == []

@@ -1,13 +1,26 @@
-"""The request schemas: the original's field names, strict JSON types."""
+"""The request and answer schemas, and the error JSON: the original's names, strict types."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
 
 import pytest
+from flask import Flask
+from marshmallow import fields
 
+from vmmgate.core.vminfo import Snapshot, SnapshotTaken
 from vmmgate.errors import InvalidBody, MalformedBody
-from vmmgate.model import CreateRequest, SnapshotRequest, StarterConfig
+from vmmgate.model import (
+    CreateRequest,
+    CreateResponse,
+    SnapshotRequest,
+    StarterConfig,
+    VmInfo,
+    VmmStatus,
+)
+from vmmgate.web import errors, schemas, vm_schemas
 from vmmgate.web.schemas import CREATE_REQUEST, SNAPSHOT_REQUEST, load, parse_json
 
 CREATE = {
@@ -154,3 +167,101 @@ def test_malformed_json(raw: bytes) -> None:
 def test_parse_json_accepts_any_valid_json() -> None:
     """Whatever the Content-Type, a JSON document parses."""
     assert parse_json(json.dumps(CREATE).encode()) == CREATE
+
+
+# --- answers: one schema per core value, dumped field by field ------------------
+
+
+def test_answers_are_the_core_values_fields_in_order() -> None:
+    """The VM, VMM status, snapshot and /create answers list their dataclass's fields, in order."""
+    for model, schema in [
+        (VmInfo, vm_schemas.VmSchema),
+        (VmmStatus, vm_schemas.VmmStatusSchema),
+        (Snapshot, vm_schemas.SnapshotSchema),
+        (CreateResponse, schemas.CreateResponseSchema),
+    ]:
+        names = [field.name for field in dataclasses.fields(model)]
+        assert list(schema().fields) == names, model
+        assert all(field.required for field in schema().fields.values()), model
+
+
+def test_snapshot_answer_keeps_its_old_keys_in_order_then_the_snapshot() -> None:
+    """/vms/<id>/snapshot answers its keys as before, and the new snapshot object last."""
+    names = [field.name for field in dataclasses.fields(SnapshotTaken)]
+    expected = [
+        "result",
+        "cpu_snapshot_path",
+        "memory_snapshot_path",
+        "resume",
+        "vm",
+        "snapshot",
+    ]
+    assert names == expected
+    assert list(vm_schemas.VmSnapshotResponseSchema().fields) == expected
+
+
+def test_a_nested_value_reuses_its_types_schema() -> None:
+    """The VM inside a snapshot answer is dumped by the VM schema (one OpenAPI component)."""
+    vm = vm_schemas.VmSnapshotResponseSchema().fields["vm"]
+    assert isinstance(vm, fields.Nested) and vm.nested is vm_schemas.VmSchema
+    status = vm_schemas.VmSchema().fields["vmm_status"]
+    assert isinstance(status, fields.Nested) and status.allow_none
+
+
+def test_create_answer_bytes_keep_the_originals_order() -> None:
+    """pid, port, id, ssh_port: the answer's key order is the dataclass's."""
+    answer = CreateResponse(pid=7, port=40000, id="abc", ssh_port=None)
+    assert json.dumps(schemas.CREATE_RESPONSE.dump(answer)) == (
+        '{"pid": 7, "port": 40000, "id": "abc", "ssh_port": null}'
+    )
+
+
+def test_schema_for_refuses_names_and_types_it_does_not_know() -> None:
+    """A description of a field the dataclass lacks, or a type with no JSON form, is an error."""
+
+    @dataclasses.dataclass
+    class Odd:
+        when: complex
+
+    @dataclasses.dataclass
+    class Plain:
+        name: str
+
+    with pytest.raises(TypeError, match="no JSON field"):
+        schemas.schema_for(Odd)
+    with pytest.raises(TypeError, match="no field"):
+        schemas.schema_for(Plain, docs={"nmae": "typo"})
+    schemas.schema_for(Plain)
+    with pytest.raises(TypeError, match="already has"):
+        schemas.schema_for(Plain)
+
+
+# --- the error JSON: built once, for Flask's answers and gunicorn's -------------
+
+
+def test_error_json_is_the_originals_bytes(app: Flask) -> None:
+    """Flask's error answer: Rocket's shape and key order, compact, as before."""
+    with app.app_context():
+        response = errors.error_response(422, "bad")
+    assert response.status_code == 422
+    assert response.get_data() == (
+        b'{"error":{"code":422,"reason":"Unprocessable Entity","description":"bad"}}\n'
+    )
+
+
+def test_gunicorn_rejection_is_the_same_error_json() -> None:
+    """gunicorn's own rejection (its reason phrase kept) is the same object, byte for byte."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        errors.write_json_error(ours, 400, "Bad Request", "Invalid request line")
+        ours.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := theirs.recv(65536):
+            answer += chunk
+    body = b'{"error": {"code": 400, "reason": "Bad Request", "description": "Invalid request line"}}'
+    assert answer == (
+        b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+    assert json.loads(body) == errors.error_body(400, "Invalid request line")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from datetime import datetime
 
 
 class VmState(enum.StrEnum):
@@ -62,6 +63,49 @@ class VmRecord:
 
 
 @dataclass(frozen=True)
+class VmmStatus:
+    """The fields of a VMM's ``status`` answer the API shows."""
+
+    state: str
+    qemu_pid: int | None = None
+    accel: str | None = None
+    machine: str | None = None
+    net: str | None = None
+    ssh_port: int | None = None
+    console_log: str | None = None
+    uptime_s: float | None = None
+    snapshots_taken: int | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as the API shows it: its registry record, refreshed, plus what its VMM says.
+
+    Declared once for the server (``vmmgate.core.vminfo.vm_info`` builds it, the
+    web layer's schema serialises it) and the Python client (which reads it back).
+    """
+
+    id: str
+    state: str
+    kind: str
+    pid: int | None
+    port: int
+    ssh_port: int | None
+    kernel_path: str | None
+    cpu_snapshot_path: str | None
+    memory_snapshot_path: str | None
+    memory_mib: int | None
+    vcpus: int | None
+    tap_device: str | None
+    created_at: datetime
+    exited_at: datetime | None
+    uptime_s: float
+    exit_status: int | None
+    exit_description: str | None
+    vmm_status: VmmStatus | None = None
+
+
+@dataclass(frozen=True)
 class StarterConfig:
     """The optional ``config`` object: who to add and which guest subnet."""
 
@@ -70,7 +114,11 @@ class StarterConfig:
     id: int
 
 
-@dataclass(frozen=True)
+# The bodies' values are keyword-only: the JSON names their fields, and a
+# request holding two or three same-typed paths must never be built by position.
+
+
+@dataclass(frozen=True, kw_only=True)
 class CreateRequest:
     """``POST /create``: boot from ``kernel_path`` or restore from snapshots."""
 
@@ -82,26 +130,23 @@ class CreateRequest:
     config: StarterConfig | None = None
 
 
-@dataclass(frozen=True)
-class SnapshotRequest:
-    """``POST /snapshot``: snapshot the VM whose VMM listens on ``rpc_port``."""
-
-    cpu_snapshot_path: str
-    memory_snapshot_path: str
-    rpc_port: int
-    resume: bool
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class VmSnapshotRequest:
-    """``POST /vms/<id>/snapshot``: the ``/snapshot`` body without ``rpc_port``."""
+    """``POST /vms/<id>/snapshot``: where to write the pair; pause the VM unless ``resume``."""
 
     cpu_snapshot_path: str
     memory_snapshot_path: str
     resume: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class SnapshotRequest(VmSnapshotRequest):
+    """``POST /snapshot``: the same, for the VM whose VMM listens on ``rpc_port``."""
+
+    rpc_port: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class CreateResponse:
     """The ``/create`` answer: the VMM's pid and its RPC port (and the guest's SSH port)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,20 +20,12 @@ import pytest
 from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, UP_LINE, Vm
 from tests.guestcheck import assert_restored_continues
 from tests.server import Response, Server, wait_for
+from tests.snapfiles import sha256  # noqa: F401 - the e2e tests import it from here
 from vmmgate.infra import rpc
 from vmmgate.model import VmRecord, VmState
 from vmmgate.shared.atomic import TEMP_PREFIX
 
 SNAPSHOT_OK = "Snapshot taken successfully"
-
-
-def sha256(path: Path) -> str:
-    """Return a file's SHA-256."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fobj:
-        for block in iter(lambda: fobj.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def temp_files(directory: Path) -> list[str]:

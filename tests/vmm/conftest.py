@@ -8,7 +8,6 @@ checks that the VMM's QEMU is gone.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -21,18 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import msgpackrpc
 import pytest
-from msgpackrpc.error import TransportError
-from msgpackrpc.transport import tcp
-from tornado import ioloop
 
-from tests.server import wait_for
+from tests.server import cmdline, wait_for
 from vmmgate.guest import COUNTER_PREFIX, UP_LINE, GuestImage, ensure_guest
-from vmmgate.infra import procfs
+from vmmgate.infra import procfs, rpc
 from vmmgate.shared.state import PROJECT_ROOT
 
 COUNTER = re.compile(rf"^{re.escape(COUNTER_PREFIX)}(\d+)\r?$", re.MULTILINE)
@@ -52,47 +46,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "/tests/vmm/" in str(item.fspath):
             item.add_marker(pytest.mark.e2e)
-
-
-# RPC ---------------------------------------------------------------------------------
-
-
-class _FailFastTransport(tcp.ClientTransport):
-    """The library's transport, but a call fails at once when the VMM drops the connection
-    (the library would silently wait for the call's timeout)."""
-
-    def on_close(self, sock: Any) -> None:
-        if not self._closed and sock in self._sockets:
-            self._sockets.remove(sock)
-            self._session.on_connect_failed(
-                TransportError("the VMM closed the connection")
-            )
-            return
-        super().on_close(sock)
-
-
-_BUILDER = SimpleNamespace(ClientTransport=_FailFastTransport)
-
-
-def rpc(port: int, method: str, *args: Any, timeout: float = 30) -> Any:
-    """Call ``method`` on the VMM at 127.0.0.1:``port``; raise msgpackrpc's errors.
-
-    Each call has its own IOLoop, closed with all its descriptors (epoll fd, waker
-    pipe, the client socket), so nothing leaks and threads never share a loop.
-    """
-    io = ioloop.IOLoop()
-    client = msgpackrpc.Client(
-        msgpackrpc.Address("127.0.0.1", port),
-        timeout=timeout,
-        loop=msgpackrpc.Loop(io),
-        builder=_BUILDER,
-        unpack_encoding="utf-8",
-    )
-    try:
-        return client.call(method, *args)
-    finally:
-        client.close()
-        io.close(all_fds=True)
 
 
 # Console logs --------------------------------------------------------------------------
@@ -117,15 +70,6 @@ def last_counter(console: Path) -> int | None:
     return values[-1] if values else None
 
 
-def sha256(path: Path) -> str:
-    """Return the SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fobj:
-        for block in iter(lambda: fobj.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # Processes -----------------------------------------------------------------------------
 
 
@@ -137,22 +81,15 @@ def process_alive(pid: int, start_time: int | None = None) -> bool:
 
 def qemus_mentioning(text: str) -> list[int]:
     """Return the pids of live qemu-system processes whose command line contains ``text``."""
-    found = []
     needle = text.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if (
-            b"qemu-system" in cmdline
-            and needle in cmdline
-            and process_alive(int(entry))
-        ):
-            found.append(int(entry))
-    return found
+    return [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit()
+        and b"qemu-system" in (line := cmdline(int(entry)))
+        and needle in line
+        and process_alive(int(entry))
+    ]
 
 
 class PhaseKiller:
@@ -229,8 +166,8 @@ class Vmm:
         return self.proc.pid
 
     def call(self, method: str, *args: Any, timeout: float = 30) -> Any:
-        """Call an RPC method on this VMM."""
-        return rpc(self.port, method, *args, timeout=timeout)
+        """Call an RPC method on this VMM (vmmgate's own client: its typed errors)."""
+        return rpc.call(self.port, method, *args, timeout=timeout)
 
     def stderr(self) -> str:
         """Return what the VMM logged so far."""

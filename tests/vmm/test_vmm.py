@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from msgpackrpc.error import RPCError
 
 from tests.guestcheck import (
     MEMCHECK_CMDLINE,
@@ -26,6 +25,7 @@ from tests.guestcheck import (
     pattern_sums,
     rounds,
 )
+from tests.snapfiles import sha256
 from tests.vmm.conftest import (
     EXIT_BAD_INPUT,
     GUEST_TIMEOUT,
@@ -35,9 +35,9 @@ from tests.vmm.conftest import (
     qemus_mentioning,
     read_text,
     remount,
-    sha256,
     wait_for,
 )
+from vmmgate.errors import RemoteConflict, RemoteIOError, RemoteNoSpace, RpcRemoteError
 from vmmgate.guest import UP_LINE
 from vmmgate.shared.atomic import TEMP_PREFIX, undo_entries
 from vmmgate.shared.recovery import recover
@@ -86,13 +86,16 @@ def ensure_running(vm: Vmm) -> None:
         vm.call("resume")
 
 
-def assert_rpc_error(call: Callable[[], object], prefix: str, *any_of: str) -> str:
-    """Run ``call``: it must fail with an RPC error starting with ``prefix`` and
-    mentioning one of ``any_of`` (case-insensitive), if given."""
-    with pytest.raises(RPCError) as info:
+def assert_rpc_error(
+    call: Callable[[], object], error: type[RpcRemoteError], *any_of: str
+) -> str:
+    """Run ``call``: it must fail with the VMM's error of type ``error`` (its message's
+    "kind: " prefix, typed by vmmgate.infra.rpc) mentioning one of ``any_of``
+    (case-insensitive), if given; return the VMM's message."""
+    with pytest.raises(error) as info:
         call()
-    message = str(info.value.args[0])
-    assert message.startswith(prefix), message
+    message = info.value.remote_message
+    assert message.startswith(f"{info.value.kind}: "), message
     if any_of:
         assert any(word.lower() in message.lower() for word in any_of), message
     return message
@@ -201,11 +204,11 @@ def test_snapshot_without_resume_stops_the_guest_until_resume(
         take_snapshot(booted, tmp_path, resume=False)
         assert booted.call("status")["state"] == "paused"
         watch_frozen(booted, 2.5)
-        assert_rpc_error(lambda: booted.call("pause"), "conflict: ", "paused")
+        assert_rpc_error(lambda: booted.call("pause"), RemoteConflict, "paused")
         assert booted.call("status")["state"] == "paused"
         assert booted.call("resume") == "Success"
         assert_still_counting(booted)
-        assert_rpc_error(lambda: booted.call("resume"), "conflict: ", "running")
+        assert_rpc_error(lambda: booted.call("resume"), RemoteConflict, "running")
         assert booted.call("pause") == "Success"
         watch_frozen(booted, 1.5)
         assert booted.call("resume") == "Success"
@@ -419,7 +422,7 @@ def test_snapshot_into_unwritable_dir_fails_cleanly(
         lambda: booted.call(
             "snapshot_and_pause", str(old.cpu), str(old.memory), booted.port, True
         ),
-        "io: ",
+        RemoteIOError,
     )
     assert str(directory) in message
     assert_still_counting(booted)
@@ -437,7 +440,7 @@ def test_snapshot_into_unwritable_dir_fails_cleanly(
             booted.port,
             False,
         ),
-        "io: ",
+        RemoteIOError,
         "no such directory",
     )
     assert_still_counting(booted)
@@ -473,7 +476,7 @@ def test_snapshot_on_a_full_disk_fails_cleanly(
             booted.port,
             False,
         ),
-        "io: ",
+        RemoteNoSpace,
         *cause,
     )
     assert str(directory) in message

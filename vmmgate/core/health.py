@@ -6,12 +6,12 @@ nothing is left behind.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import tempfile
 from dataclasses import dataclass
 
+from vmmgate.core.flavors import Flavor
 from vmmgate.infra.config import Settings
 from vmmgate.infra.registry import Registry
 
@@ -57,21 +57,10 @@ def check_vmm_command(settings: Settings) -> Check:
     return Check("vmm", True, " ".join(settings.vmm_command))
 
 
-def check_qemu(settings: Settings) -> Check:
-    """QEMU is installed (what the bundled VMM runs)."""
-    if settings.vmm_flavor != "bundled":
-        return Check("qemu", True, "not needed: VMMGATE_VMM_FLAVOR=original")
-    qemu = os.environ.get("VMMGATE_QEMU") or shutil.which("qemu-system-x86_64")
-    if not qemu:
-        return Check(
-            "qemu",
-            False,
-            "qemu-system-x86_64 not found on PATH: install the Debian package "
-            "qemu-system-x86 (or set VMMGATE_QEMU)",
-        )
-    if not os.access(qemu, os.X_OK):
-        return Check("qemu", False, f"{qemu} is not executable")
-    return Check("qemu", True, qemu)
+def check_flavor(flavor: Flavor) -> Check:
+    """What the VMM flavor needs on this host (QEMU, for the bundled VMM) is there."""
+    ok, detail = flavor.health()
+    return Check("qemu", ok, detail)
 
 
 def check_state_dir(settings: Settings) -> Check:
@@ -99,11 +88,11 @@ def check_registry(registry: Registry) -> Check:
     return Check("registry", True, f"{registry.path}: {count} VMs recorded")
 
 
-def check(settings: Settings, registry: Registry) -> Health:
+def check(settings: Settings, registry: Registry, flavor: Flavor) -> Health:
     """Run every check."""
     return Health(
         [
-            check_qemu(settings),
+            check_flavor(flavor),
             check_vmm_command(settings),
             check_state_dir(settings),
             check_registry(registry),

@@ -81,6 +81,22 @@ class PathPolicy:
             )
         return path
 
+    def snapshot_pair(
+        self, cpu_raw: str, memory_raw: str, *, write: bool
+    ) -> tuple[Path, Path]:
+        """Resolve a snapshot pair to write (``write``) or to restore from.
+
+        The one check that the two names are not one file.
+        """
+        resolve = self.snapshot_target if write else self.snapshot_source
+        cpu = resolve(cpu_raw, "cpu_snapshot_path")
+        memory = resolve(memory_raw, "memory_snapshot_path")
+        if cpu == memory:
+            raise PathRefused(
+                "cpu_snapshot_path and memory_snapshot_path are the same file."
+            )
+        return cpu, memory
+
     def _confine(
         self, raw: str, field: str, roots: Sequence[Path], kind: str, setting: str
     ) -> Path:

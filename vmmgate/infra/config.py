@@ -21,7 +21,8 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from vmmgate.errors import ConfigError, flatten_messages
 from vmmgate.shared import consolelog, state
 
-FLAVORS = ("bundled", "original")
+#: The VMMGATE_VMM_FLAVOR values (each names a strategy in vmmgate.core.flavors).
+BUNDLED, ORIGINAL = FLAVORS = ("bundled", "original")
 
 #: One console log segment (console.log, rotated to console.log.1): default and range.
 #: The same numbers bound the VMM, which reads the same variable.
@@ -62,6 +63,32 @@ SETTING_KEYS = (
     *LIMIT_KEYS,
     *TOKEN_KEYS,
 )
+
+# --- loading --------------------------------------------------------------------
+
+
+def present(mapping: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """Return the entries of ``mapping`` under ``keys`` (the settings that are set)."""
+    return {key: mapping[key] for key in keys if key in mapping}
+
+
+def validated(schema: Schema, values: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """Load ``values`` through ``schema``; raise ConfigError naming every bad field."""
+    try:
+        return schema.load(values)
+    except ValidationError as exc:
+        raise ConfigError(f"Invalid {what}: " + flatten_messages(exc.messages)) from exc
+
+
+def integer_setting(
+    key: str, low: int, high: int | None = None, **kwargs: Any
+) -> fields.Integer:
+    """Return a field for the integer setting ``key``, in [low, high]."""
+    return fields.Integer(
+        data_key=key, validate=validate.Range(min=low, max=high), **kwargs
+    )
+
+
 # --- limits -------------------------------------------------------------------
 
 
@@ -93,31 +120,18 @@ class LimitsSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    max_vms = fields.Integer(
-        data_key="VMMGATE_MAX_VMS", validate=validate.Range(min=1, max=100000)
+    max_vms = integer_setting("VMMGATE_MAX_VMS", 1, 100000)
+    max_total_memory_mib = integer_setting("VMMGATE_MAX_TOTAL_MEMORY_MIB", 16)
+    max_concurrent_snapshots = integer_setting(
+        "VMMGATE_MAX_CONCURRENT_SNAPSHOTS", 1, 1000
     )
-    max_total_memory_mib = fields.Integer(
-        data_key="VMMGATE_MAX_TOTAL_MEMORY_MIB", validate=validate.Range(min=16)
-    )
-    max_concurrent_snapshots = fields.Integer(
-        data_key="VMMGATE_MAX_CONCURRENT_SNAPSHOTS",
-        validate=validate.Range(min=1, max=1000),
-    )
-    snapshot_min_free_mib = fields.Integer(
-        data_key="VMMGATE_SNAPSHOT_MIN_FREE_MIB", validate=validate.Range(min=0)
-    )
+    snapshot_min_free_mib = integer_setting("VMMGATE_SNAPSHOT_MIN_FREE_MIB", 0)
 
 
 def load_limits(mapping: Mapping[str, Any]) -> Limits:
     """Validate the limit settings present in ``mapping``; raise ConfigError."""
-    present = {key: mapping[key] for key in LIMIT_KEYS if key in mapping}
-    try:
-        data = LimitsSchema().load(present)
-    except ValidationError as exc:
-        raise ConfigError(
-            "Invalid vmmgate setting: " + flatten_messages(exc.messages)
-        ) from exc
-    return Limits(**data)
+    values = present(mapping, LIMIT_KEYS)
+    return Limits(**validated(LimitsSchema(), values, "vmmgate setting"))
 
 
 # --- settings -----------------------------------------------------------------
@@ -232,7 +246,7 @@ class SettingsSchema(Schema):
     )
     vmm_flavor = fields.String(
         data_key="VMMGATE_VMM_FLAVOR",
-        load_default="bundled",
+        load_default=BUNDLED,
         validate=validate.OneOf(FLAVORS),
     )
     ready_timeout = _seconds(data_key="VMMGATE_READY_TIMEOUT", load_default=30.0)
@@ -247,25 +261,17 @@ class SettingsSchema(Schema):
     snapshot_roots = _PathList(
         data_key="VMMGATE_SNAPSHOT_ROOTS", allow_none=True, load_default=None
     )
-    default_memory_mib = fields.Integer(
-        data_key="VMMGATE_DEFAULT_MEMORY_MIB",
-        load_default=256,
-        validate=validate.Range(min=16, max=1 << 20),
+    default_memory_mib = integer_setting(
+        "VMMGATE_DEFAULT_MEMORY_MIB", 16, 1 << 20, load_default=256
     )
-    default_vcpus = fields.Integer(
-        data_key="VMMGATE_DEFAULT_VCPUS",
-        load_default=1,
-        validate=validate.Range(min=1, max=255),
+    default_vcpus = integer_setting("VMMGATE_DEFAULT_VCPUS", 1, 255, load_default=1)
+    max_body_bytes = integer_setting(
+        "VMMGATE_MAX_BODY_BYTES", 1024, load_default=1 << 20
     )
-    max_body_bytes = fields.Integer(
-        data_key="VMMGATE_MAX_BODY_BYTES",
-        load_default=1 << 20,
-        validate=validate.Range(min=1024),
-    )
-    console_max_bytes = fields.Integer(
-        data_key="VMMGATE_CONSOLE_MAX_BYTES",
+    console_max_bytes = integer_setting(
+        "VMMGATE_CONSOLE_MAX_BYTES",
+        *CONSOLE_MAX_BYTES_RANGE,
         load_default=CONSOLE_MAX_BYTES_DEFAULT,
-        validate=validate.Range(*CONSOLE_MAX_BYTES_RANGE),
     )
     rpc_ports = _PortRange(
         data_key="VMMGATE_RPC_PORTS", allow_none=True, load_default=None
@@ -274,18 +280,13 @@ class SettingsSchema(Schema):
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
     """Return the VMMGATE_* settings present in ``environ``."""
-    return {key: environ[key] for key in SETTING_KEYS if key in environ}
+    return present(environ, SETTING_KEYS)
 
 
 def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settings:
     """Validate a mapping of VMMGATE_* keys into Settings; raise ConfigError."""
-    present = {key: mapping[key] for key in SETTING_KEYS if key in mapping}
-    try:
-        data = SettingsSchema().load(present)
-    except ValidationError as exc:
-        raise ConfigError(
-            "Invalid vmmgate setting: " + flatten_messages(exc.messages)
-        ) from exc
+    values = present(mapping, SETTING_KEYS)
+    data = validated(SettingsSchema(), values, "vmmgate setting")
     cwd = Path(cwd or os.getcwd()).resolve()
     state_dir = (
         _absolute(data["state_dir"], cwd) if data["state_dir"] else state.state_dir()

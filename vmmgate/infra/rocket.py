@@ -17,8 +17,14 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
-from vmmgate.errors import ConfigError, flatten_messages
-from vmmgate.infra.config import from_environ, load_settings
+from vmmgate.errors import ConfigError
+from vmmgate.infra.config import (
+    from_environ,
+    integer_setting,
+    load_settings,
+    present,
+    validated,
+)
 from vmmgate.shared import state
 
 #: Rocket debug builds select the "debug" profile unless ROCKET_PROFILE says otherwise.
@@ -122,13 +128,11 @@ def rocket_bind(
                 f"ROCKET_PORT must be an integer, not {environ['ROCKET_PORT']!r}"
             ) from exc
         source += " + ROCKET_PORT"
-    try:
-        data = RocketProfileSchema().load(values)
-    except ValidationError as exc:
-        raise ConfigError(
-            f"Invalid Rocket settings (profile {profile!r}, {source}): "
-            + flatten_messages(exc.messages)
-        ) from exc
+    data = validated(
+        RocketProfileSchema(),
+        values,
+        f"Rocket settings (profile {profile!r}, {source})",
+    )
     return BindAddress(address=data["address"], port=data["port"])
 
 
@@ -150,16 +154,8 @@ class _ServerSchema(Schema):
     class Meta:
         unknown = EXCLUDE
 
-    workers = fields.Integer(
-        data_key="VMMGATE_WORKERS",
-        load_default=2,
-        validate=validate.Range(min=1, max=64),
-    )
-    threads = fields.Integer(
-        data_key="VMMGATE_THREADS",
-        load_default=4,
-        validate=validate.Range(min=1, max=256),
-    )
+    workers = integer_setting("VMMGATE_WORKERS", 1, 64, load_default=2)
+    threads = integer_setting("VMMGATE_THREADS", 1, 256, load_default=4)
 
 
 def server_settings(
@@ -167,14 +163,7 @@ def server_settings(
 ) -> ServerSettings:
     """Return gunicorn's bind address, worker/thread counts and request timeout."""
     environ = os.environ if environ is None else environ
-    try:
-        data = _ServerSchema().load(
-            {k: environ[k] for k in SERVER_KEYS if k in environ}
-        )
-    except ValidationError as exc:
-        raise ConfigError(
-            "Invalid gunicorn setting: " + flatten_messages(exc.messages)
-        ) from exc
+    data = validated(_ServerSchema(), present(environ, SERVER_KEYS), "gunicorn setting")
     app_settings = load_settings(from_environ(environ), cwd)
     # A request may wait for a VMM to get ready or for a long RPC call; the
     # worker must outlive both or gunicorn would kill it mid-request.

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpackrpc
 from msgpackrpc.error import RPCError as _LibRPCError
@@ -38,6 +38,9 @@ from vmmgate.errors import (
     RpcTimeout,
     RpcUnreachable,
 )
+
+if TYPE_CHECKING:
+    from vmmgate.infra.config import Settings
 
 HOST = "127.0.0.1"
 log = logging.getLogger(__name__)
@@ -195,6 +198,17 @@ class VmmClient:
         self.port = port
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+
+    @classmethod
+    def for_settings(
+        cls, port: int, settings: Settings, timeout: float | None = None
+    ) -> VmmClient:
+        """Return a client with the configured timeouts (``timeout`` overrides the call one)."""
+        return cls(
+            port,
+            connect_timeout=settings.rpc_connect_timeout,
+            timeout=settings.rpc_timeout if timeout is None else timeout,
+        )
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
         """Call any method with this client's timeouts."""

@@ -1,8 +1,10 @@
-"""Where vmmgate keeps its state: one directory, shared by every process."""
+"""Where vmmgate keeps its state (one directory, shared by every process), and
+where it finds QEMU (the VMM runs it; the server's health check looks for it)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 #: The repository (or installation) root: the parent of the ``vmmgate`` package.
@@ -17,3 +19,8 @@ def state_dir() -> Path:
 def guest_dir() -> Path:
     """Return the directory holding the demo guest (kernel and initramfs)."""
     return state_dir() / "guest"
+
+
+def qemu_path() -> str | None:
+    """Return the QEMU binary (``VMMGATE_QEMU``, else qemu-system-x86_64 on PATH), or None."""
+    return os.environ.get("VMMGATE_QEMU") or shutil.which("qemu-system-x86_64")

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     importer.join()
     log.info(
         "VM %s (%s, %s MiB, QEMU pid %s) ready %.0f ms after the VMM started; RPC on 127.0.0.1:%d",
-        vm.origin.kind, vm.machine.spec.accel, vm.machine.spec.memory_mib, vm.machine.pid,
+        vm.origin["kind"], vm.machine.spec.accel, vm.machine.spec.memory_mib, vm.machine.pid,
         _since_start() * 1000, args.port,
     )  # fmt: skip
     from vmmgate.vmm import runner

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmmgate.shared.consolelog import DEFAULT_MAX_BYTES
+from vmmgate.shared.state import qemu_path
 from vmmgate.vmm.console import ConsoleLog, ConsolePump
 from vmmgate.vmm.errors import QemuError, QemuLaunchError
 
@@ -43,7 +44,7 @@ _PR_SET_PDEATHSIG = 1
 
 def find_qemu() -> str:
     """Return the QEMU binary (``VMMGATE_QEMU`` or qemu-system-x86_64 on PATH)."""
-    qemu = os.environ.get("VMMGATE_QEMU") or shutil.which("qemu-system-x86_64")
+    qemu = qemu_path()
     if not qemu:
         raise QemuError(
             "qemu-system-x86_64 not found: install the Debian package qemu-system-x86"

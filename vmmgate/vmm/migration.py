@@ -26,8 +26,15 @@ def enable_ignore_shared(machine: QemuMachine) -> None:
     )
 
 
-def _migration_outcome(machine: QemuMachine) -> dict:
-    """Wait until the current migration has ended; return query-migrate's answer."""
+def _migrate(machine: QemuMachine, fd: int, command: str) -> str | None:
+    """Run ``command`` (migrate or migrate-incoming) over ``fd`` from STREAM_OFFSET.
+
+    Wait until the migration has ended; return None if it completed, else
+    QEMU's reason.
+    """
+    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
+    machine.send_fd(fd, _FD_NAME)
+    machine.qmp(command, uri=f"fd:{_FD_NAME}")
 
     def ended() -> dict | None:
         info = machine.qmp("query-migrate")
@@ -35,29 +42,25 @@ def _migration_outcome(machine: QemuMachine) -> dict:
             info if info.get("status") in ("completed", "failed", "cancelled") else None
         )
 
-    return wait_for(ended, MIGRATION_TIMEOUT, what="QEMU's migration to finish")
+    info = wait_for(ended, MIGRATION_TIMEOUT, what="QEMU's migration to finish")
+    if info["status"] == "completed":
+        return None
+    return info.get("error-desc", info["status"])
 
 
 def save_device_state(machine: QemuMachine, fd: int) -> int:
     """Have QEMU write its device state into ``fd`` from STREAM_OFFSET; return its length."""
-    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
-    machine.send_fd(fd, _FD_NAME)
-    machine.qmp("migrate", uri=f"fd:{_FD_NAME}")
-    info = _migration_outcome(machine)
-    if info["status"] != "completed":
-        reason = info.get("error-desc", info["status"])
+    reason = _migrate(machine, fd, "migrate")
+    if reason is not None:
         raise SnapshotIOError(f"QEMU could not write the device state: {reason}")
     return os.fstat(fd).st_size - STREAM_OFFSET
 
 
 def load_device_state(machine: QemuMachine, fd: int) -> None:
     """Feed the device state in ``fd`` (from STREAM_OFFSET) to an ``-incoming defer`` QEMU."""
-    os.lseek(fd, STREAM_OFFSET, os.SEEK_SET)
-    machine.send_fd(fd, _FD_NAME)
-    machine.qmp("migrate-incoming", uri=f"fd:{_FD_NAME}")
-    info = _migration_outcome(machine)
-    if info["status"] != "completed":
+    reason = _migrate(machine, fd, "migrate-incoming")
+    if reason is not None:
         raise SnapshotFileError(
             "QEMU could not load the CPU snapshot: "
-            f"{info.get('error-desc', info['status'])}; {machine.log_tail(500).strip()}"
+            f"{reason}; {machine.log_tail(500).strip()}"
         )

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from vmmgate.shared import consolelog
@@ -41,17 +41,6 @@ class VmState(str, enum.Enum):
 
     RUNNING = "running"
     PAUSED = "paused"
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Where the VM came from: a kernel, or a snapshot pair."""
-
-    kind: str
-    kernel: str | None = None
-    cpu_path: str | None = None
-    memory_path: str | None = None
-    snapshot_id: str | None = None
 
 
 def free_local_port() -> int:
@@ -91,8 +80,10 @@ def network_for(tap: str | None, net_mode: str, guest_ip: str | None = None) -> 
 class VirtualMachine:
     """A running QEMU guest and the operations the VMM offers on it."""
 
-    def __init__(self, machine: QemuMachine, origin: Origin):
+    def __init__(self, machine: QemuMachine, origin: dict[str, str]):
         self.machine = machine
+        #: Where the VM came from, as ``status`` reports it: ``kind`` ("kernel" or
+        #: "snapshot") and the kernel, or the pair and its snapshot id.
         self.origin = origin
         self.state = VmState.RUNNING
         self.started = time.time()
@@ -122,7 +113,7 @@ class VirtualMachine:
         except BaseException:
             machine.close()
             raise
-        return cls(machine, Origin(kind="kernel", kernel=str(boot.kernel)))
+        return cls(machine, {"kind": "kernel", "kernel": str(boot.kernel)})
 
     @classmethod
     def restore(cls, cpu_path: Path, memory_path: Path, console_log: Path,
@@ -169,8 +160,8 @@ class VirtualMachine:
                  ", ".join(f"{name} {(t - marks[i][1]) * 1000:.0f}"
                            for i, (name, t) in enumerate(marks[1:])),
                  time.time())  # fmt: skip
-        origin = Origin(kind="snapshot", cpu_path=str(cpu_path), memory_path=str(memory_path),
-                        snapshot_id=header.snapshot_id)  # fmt: skip
+        origin = {"kind": "snapshot", "cpu_path": str(cpu_path),
+                  "memory_path": str(memory_path), "snapshot_id": header.snapshot_id}  # fmt: skip
         return cls(machine, origin)
 
     def pause(self) -> None:
@@ -271,7 +262,6 @@ class VirtualMachine:
         """Describe the VM for the ``status`` RPC."""
         spec = self.machine.spec
         console = self.machine.console
-        origin = {k: v for k, v in vars(self.origin).items() if v is not None}
         return {
             "state": self.state.value,
             "qemu_pid": self.machine.pid,
@@ -289,7 +279,7 @@ class VirtualMachine:
             # rotation dropped), and what a write error (a full disk) lost.
             "console_bytes": console.received if console else 0,
             "console_dropped": console.dropped if console else 0,
-            "origin": origin,
+            "origin": dict(self.origin),
             "uptime_s": round(time.time() - self.started, 3),
             "snapshots_taken": self.snapshots_taken,
         }

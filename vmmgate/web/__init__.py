@@ -33,7 +33,6 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     metrics.init_app(app)
     auth.init_app(app)
     extensions.init_service(app)
-    extensions.init_lifecycle(app)
     app.register_blueprint(create.bp)
     app.register_blueprint(snapshot.bp)
     app.register_blueprint(vms.bp)

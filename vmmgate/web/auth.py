@@ -1,4 +1,4 @@
-"""The optional bearer token: required on every route but ``/healthz`` when set.
+"""The optional bearer token: required on every route but the public ones when set.
 
 The existing backend sends no credentials, so the token is off by default. When
 ``VMMGATE_TOKEN`` or ``VMMGATE_TOKEN_FILE`` gives one, every request must carry
@@ -7,6 +7,9 @@ server's error shape with an RFC 6750 ``WWW-Authenticate`` challenge. The token
 is compared in constant time (SHA-256 of both sides, then
 ``hmac.compare_digest``, so not even its length leaks). The token itself is
 read and validated with the other settings (:func:`vmmgate.infra.config.load_token`).
+A route is public (``/healthz``, which a load balancer or supervisor must reach
+without the token) when its view's declaration says so
+(:class:`vmmgate.web.openapi.Declarations`), which the OpenAPI document shows too.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ if TYPE_CHECKING:
 
     from vmmgate.infra.rocket import BindAddress
 
-#: Routes a load balancer or supervisor must reach without the token.
-PUBLIC_PATHS = frozenset({"/healthz"})
 _REALM = 'Bearer realm="vmmgate"'
 
 
@@ -62,8 +63,36 @@ def exposure_warning(bind: BindAddress, token_set: bool) -> str | None:
     )
 
 
+def public_paths(app: Flask) -> frozenset[str]:
+    """Return the fixed paths of the routes declared public (read once the routes are in)."""
+    from vmmgate.web import openapi
+
+    paths = app.extensions.get("vmmgate.public_paths")
+    if paths is None:
+        paths = app.extensions["vmmgate.public_paths"] = frozenset(
+            rule.rule
+            for rule in app.url_map.iter_rules()
+            if not rule.arguments
+            and getattr(openapi.declaration(app, rule.endpoint), "public", False)
+        )
+    return paths
+
+
+def is_public(app: Flask, endpoint: str | None, path: str) -> bool:
+    """Tell whether a request needs no token: its route is declared public.
+
+    A request that matched no route (a 404, or a 405 for a wrong method) is
+    public on a public route's fixed path, so that it still answers 404 or 405.
+    """
+    from vmmgate.web import openapi
+
+    if endpoint is not None:
+        return getattr(openapi.declaration(app, endpoint), "public", False)
+    return path in public_paths(app)
+
+
 def init_app(app: Flask) -> None:
-    """Require the token on every request but PUBLIC_PATHS, if one is configured."""
+    """Require the token on every request but the public routes', if one is configured."""
     # Imported here: gunicorn.conf.py imports this module in the master for
     # exposure_warning, and the master needs neither Flask nor the core.
     from flask import request
@@ -76,7 +105,8 @@ def init_app(app: Flask) -> None:
 
     def require_token() -> None:
         """Refuse the request before any view (or 404/405) unless it carries the token."""
-        if request.path not in PUBLIC_PATHS:
+        endpoint = request.url_rule.endpoint if request.url_rule else None
+        if not is_public(app, endpoint, request.path):
             check_authorization(request.headers.get("Authorization"), token)
 
     app.before_request(require_token)

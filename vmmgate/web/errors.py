@@ -13,65 +13,42 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from typing import Any
 
 from flask import Flask, Response, jsonify
 from werkzeug.exceptions import HTTPException
 from werkzeug.http import HTTP_STATUS_CODES
 
-from vmmgate.errors import (
-    ConfigError,
-    InsufficientStorage,
-    InvalidRequest,
-    LaunchError,
-    LimitExceeded,
-    MalformedBody,
-    NoFreePort,
-    RemoteConflict,
-    RemoteInternal,
-    RemoteInvalid,
-    RemoteIOError,
-    RemoteNoSpace,
-    RpcConnectionLost,
-    RpcError,
-    RpcTimeout,
-    RpcUnreachable,
-    StateDirUnusable,
-    Unauthorized,
-    VmConflict,
-    VmmgateError,
-    VmmReadyTimeout,
-    VmmStartError,
-    VmNotFound,
-)
+from vmmgate import errors as domain
 from vmmgate.web.schemas import ERROR
 
 log = logging.getLogger(__name__)
 
 #: Status per error class; the most specific class in an error's MRO wins.
-STATUS: dict[type[VmmgateError], int] = {
-    MalformedBody: 400,  # Rocket's Json guard: syntax error
-    InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
-    Unauthorized: 401,
-    VmNotFound: 404,
-    VmConflict: 409,
-    LimitExceeded: 429,
-    InsufficientStorage: 507,
-    StateDirUnusable: 503,
-    VmmStartError: 500,
-    VmmReadyTimeout: 504,
-    NoFreePort: 503,
-    LaunchError: 500,
-    RpcUnreachable: 502,
-    RpcConnectionLost: 502,
-    RpcTimeout: 504,
-    RemoteInvalid: 422,
-    RemoteConflict: 409,
-    RemoteNoSpace: 507,
-    RemoteIOError: 500,
-    RemoteInternal: 500,
-    RpcError: 502,
-    ConfigError: 500,
-    VmmgateError: 500,
+STATUS: dict[type[domain.VmmgateError], int] = {
+    domain.MalformedBody: 400,  # Rocket's Json guard: syntax error
+    domain.InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
+    domain.Unauthorized: 401,
+    domain.VmNotFound: 404,
+    domain.VmConflict: 409,
+    domain.LimitExceeded: 429,
+    domain.InsufficientStorage: 507,
+    domain.StateDirUnusable: 503,
+    domain.VmmStartError: 500,
+    domain.VmmReadyTimeout: 504,
+    domain.NoFreePort: 503,
+    domain.LaunchError: 500,
+    domain.RpcUnreachable: 502,
+    domain.RpcConnectionLost: 502,
+    domain.RpcTimeout: 504,
+    domain.RemoteInvalid: 422,
+    domain.RemoteConflict: 409,
+    domain.RemoteNoSpace: 507,
+    domain.RemoteIOError: 500,
+    domain.RemoteInternal: 500,
+    domain.RpcError: 502,
+    domain.ConfigError: 500,
+    domain.VmmgateError: 500,
 }
 
 #: Fixed reason phrases (Python 3.13 renamed 422; Rocket says "Unprocessable Entity").
@@ -80,7 +57,7 @@ REASONS = {422: "Unprocessable Entity", 507: "Insufficient Storage"}
 INTERNAL_DESCRIPTION = "The server hit an unexpected error; the details are in its log."
 
 
-def status_for(error: VmmgateError) -> int:
+def status_for(error: domain.VmmgateError) -> int:
     """Return the HTTP status for a domain error."""
     for cls in type(error).__mro__:
         if cls in STATUS:
@@ -93,17 +70,29 @@ def reason(code: int) -> str:
     return REASONS.get(code) or HTTP_STATUS_CODES.get(code, "Error")
 
 
+def error_body(
+    code: int, description: str | None, phrase: str | None = None
+) -> dict[str, Any]:
+    """Return the original server's error object (the one place it is built).
+
+    ``phrase`` is the reason phrase when the caller has its own (gunicorn's).
+    """
+    detail = {
+        "code": code,
+        "reason": phrase or reason(code),
+        "description": description,
+    }
+    return ERROR.dump({"error": detail})
+
+
 def error_response(code: int, description: str | None) -> Response:
-    """Build the original server's error body with status ``code``."""
-    body = ERROR.dump(
-        {"error": {"code": code, "reason": reason(code), "description": description}}
-    )
-    response = jsonify(body)
+    """Answer the original server's error body with status ``code``."""
+    response = jsonify(error_body(code, description))
     response.status_code = code
     return response
 
 
-def _domain_error(error: VmmgateError) -> Response:
+def _domain_error(error: domain.VmmgateError) -> Response:
     """Answer a domain error with its status and its own description."""
     code = status_for(error)
     if code >= 500:
@@ -133,7 +122,7 @@ def _unexpected(error: Exception) -> Response:
 
 def init_app(app: Flask) -> None:
     """Register the error handlers on ``app``."""
-    app.register_error_handler(VmmgateError, _domain_error)
+    app.register_error_handler(domain.VmmgateError, _domain_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
 
@@ -144,15 +133,7 @@ def write_json_error(
     """Write a complete error response in the original's shape and let gunicorn close."""
     from gunicorn import util
 
-    body = json.dumps(
-        {
-            "error": {
-                "code": int(status_int),
-                "reason": reason,
-                "description": mesg or None,
-            }
-        }
-    ).encode()
+    body = json.dumps(error_body(int(status_int), mesg or None, reason)).encode()
     head = (
         f"HTTP/1.1 {int(status_int)} {reason}\r\n"
         "Connection: close\r\n"

@@ -1,4 +1,4 @@
-"""The app's long-lived objects, kept in ``app.extensions``: settings, service, lifecycle.
+"""The app's long-lived objects, kept in ``app.extensions``: the settings and the VMs.
 
 The Flask glue of the layers below: each ``init_*`` builds one object from the
 previous ones (in :func:`vmmgate.web.create_app`'s order), each ``get_*``
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from vmmgate.core.lifecycle import VmLifecycle
-from vmmgate.core.service import VmService
+from vmmgate.core.vms import Vms
 from vmmgate.infra.config import Settings, load_settings
 
 
@@ -27,20 +26,13 @@ def get_settings(app: Flask) -> Settings:
 
 
 def init_service(app: Flask) -> None:
-    """Create the registry and the service for this app (after init_settings)."""
-    app.extensions["vmmgate.service"] = VmService.from_settings(get_settings(app))
+    """Create the VMs' front door and its registry for this app (after init_settings).
+
+    The VMM flavor is chosen here, once (a name no flavor has is a ConfigError).
+    """
+    app.extensions["vmmgate.vms"] = Vms.from_settings(get_settings(app))
 
 
-def get_service(app: Flask) -> VmService:
-    """Return the app's VmService."""
-    return app.extensions["vmmgate.service"]
-
-
-def init_lifecycle(app: Flask) -> None:
-    """Create the lifecycle operations for this app (after init_service)."""
-    app.extensions["vmmgate.lifecycle"] = VmLifecycle.from_service(get_service(app))
-
-
-def get_lifecycle(app: Flask) -> VmLifecycle:
-    """Return the app's VmLifecycle."""
-    return app.extensions["vmmgate.lifecycle"]
+def get_service(app: Flask) -> Vms:
+    """Return the app's front door to its VMs."""
+    return app.extensions["vmmgate.vms"]

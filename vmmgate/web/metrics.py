@@ -43,7 +43,7 @@ from vmmgate.model import LIVE_STATES, VmState
 if TYPE_CHECKING:
     from flask import Flask, Response
 
-    from vmmgate.core.lifecycle import VmLifecycle
+    from vmmgate.core.vms import Vms
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class _Forward(Collector):
 class VmStateCollector(Collector):
     """Gauges computed from the registry at scrape time."""
 
-    def __init__(self, lifecycle: VmLifecycle) -> None:
+    def __init__(self, lifecycle: Vms) -> None:
         self.lifecycle = lifecycle
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -201,7 +201,7 @@ class VmStateCollector(Collector):
         )
 
 
-def scrape(lifecycle: VmLifecycle) -> bytes:
+def scrape(lifecycle: Vms) -> bytes:
     """Return every metric in Prometheus' text format."""
     registry = CollectorRegistry()
     if MULTIPROCESS:

@@ -1,22 +1,28 @@
-"""The OpenAPI 3 document, generated with apispec from the marshmallow schemas that validate.
+"""The OpenAPI 3 document, generated from the views' own declarations.
 
-Every route is one row of :data:`OPERATIONS`: its request and response
-schemas are the very objects the views load and dump with, so the document
-cannot drift from what the server checks. Every error, on every route, is the
-original server's ``{"error": {"code", "reason", "description"}}``.
+Each view says what it takes and answers once, with :class:`Declarations`'
+decorator: the body and query schemas it declares are the very ones that load
+its arguments, the response schema the one that dumps its answer, so the
+document cannot drift from what the server checks. :func:`document` reads the
+declarations off ``app.url_map``: a route is in the document exactly when its
+view is declared. Every error, on every route, is the original server's
+``{"error": {"code", "reason", "description"}}``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cache
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
+from flask import Flask, Response, jsonify, request
 from marshmallow import Schema
 
-from vmmgate.web import schemas, vm_schemas
+from vmmgate.web import metrics, schemas, vm_schemas
 
 OPENAPI_VERSION = "3.0.3"
 TITLE = "vmmgate"
@@ -24,7 +30,7 @@ VERSION = "0.1.0"
 JSON = "application/json"
 TEXT = "text/plain"
 
-#: Meaning of each error status, as the operations below list them.
+#: Meaning of each error status, as the declarations list them.
 ERRORS = {
     400: "The body is not JSON.",
     401: "A bearer token is required and missing or wrong.",
@@ -40,178 +46,119 @@ ERRORS = {
     507: "Not enough disk space for the snapshot.",
 }
 
-_VM_ID = {
-    "in": "path",
-    "name": "vm_id",
-    "required": True,
-    "description": "The VM's id (the `id` of its `/create` answer or of `GET /vms`).",
-    "schema": {"type": "string", "minLength": 1},
+#: What a declared body, query or path parameter can answer besides the view's own errors.
+BODY_ERRORS = (400, 413, 422)
+QUERY_ERRORS = (422,)
+PATH_ERRORS = (404,)
+
+#: The path parameters the routes use (``<vm_id>``), as the document describes them.
+PATH_PARAMETERS = {
+    "vm_id": {
+        "description": "The VM's id (the `id` of its `/create` answer or of `GET /vms`).",
+        "schema": {"type": "string", "minLength": 1},
+    },
 }
+
+#: The attribute a declared view carries its :class:`Operation` in.
+ATTRIBUTE = "__openapi__"
 
 
 @dataclass(frozen=True)
 class Operation:
-    """One route and method: what it takes and what it answers."""
+    """What one view takes and answers."""
 
-    path: str
-    method: str
     operation_id: str
     summary: str
     tag: str
-    response: Schema | dict[str, Any] | None = None
-    status: int = 200
     description: str = ""
     body: Schema | None = None
     query: Schema | None = None
-    vm_id: bool = False
+    response: Schema | dict[str, Any] | None = None
     media: str = JSON
     errors: tuple[int, ...] = ()
-    extra: dict[str, Any] = field(default_factory=dict)
+    public: bool = False
+    metric: str | None = None
 
 
-_SNAPSHOT_DONE = {"type": "string", "enum": ["Snapshot taken successfully"]}
-_SPEC_OBJECT = {"type": "object", "description": "This OpenAPI 3 document."}
+def _camel(name: str) -> str:
+    """Return ``list_vms`` as ``listVms``."""
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
 
-OPERATIONS: tuple[Operation, ...] = (
-    Operation(
-        "/create",
-        "post",
-        "create",
-        "Boot a VM from a kernel, or restore one from snapshot files",
-        "original",
-        schemas.CREATE_RESPONSE,
-        description="`resume: false` boots `kernel_path` (the snapshot paths are "
-        "ignored); `resume: true` restores the snapshot pair (`kernel_path` is "
-        "ignored). Answers once the VM's VMM answers RPC.",
-        body=schemas.CREATE_REQUEST,
-        errors=(400, 409, 413, 422, 429, 500, 502, 503, 504),
-    ),
-    Operation(
-        "/snapshot",
-        "post",
-        "snapshot",
-        "Snapshot the VM whose VMM listens on rpc_port",
-        "original",
-        _SNAPSHOT_DONE,
-        description="`resume: true` lets the VM run on, `false` leaves it paused.",
-        body=schemas.SNAPSHOT_REQUEST,
-        errors=(400, 404, 409, 413, 422, 429, 500, 502, 504, 507),
-    ),
-    Operation(
-        "/vms",
-        "get",
-        "listVms",
-        "List the VMs this server launched",
-        "vms",
-        vm_schemas.VM_LIST,
-        description="Oldest first. States are refreshed on read: a VM whose VMM "
-        "ended shows `exited`.",
-        query=vm_schemas.LIST_QUERY,
-        errors=(422,),
-    ),
-    Operation(
-        "/vms/{vm_id}",
-        "get",
-        "getVm",
-        "Inspect one VM",
-        "vms",
-        vm_schemas.VM,
-        description="Includes `vmm_status`, the VMM's own report, when it answers.",
-        vm_id=True,
-        errors=(404,),
-    ),
-    Operation(
-        "/vms/{vm_id}",
-        "delete",
-        "stopVm",
-        "Stop a VM and forget it",
-        "vms",
-        vm_schemas.VM,
-        description="Asks the VMM to shut down (RPC `shutdown`), SIGKILLs it after "
-        "`timeout` seconds, removes its run directory and answers how it ended. "
-        "Afterwards the id is a 404. An exited VM is just forgotten.",
-        query=vm_schemas.STOP_QUERY,
-        vm_id=True,
-        errors=(404, 409, 422, 500),
-    ),
-    Operation(
-        "/vms/{vm_id}/pause",
-        "post",
-        "pauseVm",
-        "Pause a running VM",
-        "vms",
-        vm_schemas.VM,
-        vm_id=True,
-        errors=(404, 409, 500, 502, 504),
-    ),
-    Operation(
-        "/vms/{vm_id}/resume",
-        "post",
-        "resumeVm",
-        "Resume a paused VM",
-        "vms",
-        vm_schemas.VM,
-        vm_id=True,
-        errors=(404, 409, 500, 502, 504),
-    ),
-    Operation(
-        "/vms/{vm_id}/snapshot",
-        "post",
-        "snapshotVm",
-        "Snapshot a running or paused VM (as POST /snapshot does)",
-        "vms",
-        vm_schemas.VM_SNAPSHOT_RESPONSE,
-        body=vm_schemas.VM_SNAPSHOT_REQUEST,
-        vm_id=True,
-        errors=(400, 404, 409, 413, 422, 429, 500, 502, 504, 507),
-    ),
-    Operation(
-        "/vms/{vm_id}/console",
-        "get",
-        "getConsole",
-        "The VM's serial console log",
-        "vms",
-        {"type": "string"},
-        description="The whole log, or its last `tail` lines. With `follow`, the "
-        "answer then streams new output until the VM ends or `timeout` seconds.",
-        query=vm_schemas.CONSOLE_QUERY,
-        vm_id=True,
-        media=TEXT,
-        errors=(404, 422, 429),
-    ),
-    Operation(
-        "/healthz",
-        "get",
-        "health",
-        "Health: QEMU found, state directory writable, registry readable",
-        "operations",
-        vm_schemas.HEALTH,
-        description="503 (error body naming the failed checks) when one fails. "
-        "Needs no token.",
-        errors=(503,),
-        extra={"security": []},
-    ),
-    Operation(
-        "/metrics",
-        "get",
-        "metrics",
-        "Prometheus metrics",
-        "operations",
-        {"type": "string"},
-        description="VMs by state, guest memory; operations, errors and latencies "
-        "(boot, restore, snapshot, pause, resume, stop); HTTP requests. The same "
-        "numbers from every gunicorn worker.",
-        media=TEXT,
-    ),
-    Operation(
-        "/openapi.json",
-        "get",
-        "openapi",
-        "This OpenAPI document",
-        "operations",
-        _SPEC_OBJECT,
-    ),
-)
+
+class Declarations:
+    """The declaring decorator of one group of routes (one OpenAPI tag)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+
+    def __call__(
+        self,
+        summary: str,
+        *,
+        description: str = "",
+        body: Schema | None = None,
+        query: Schema | None = None,
+        response: Schema | dict[str, Any] | None = None,
+        media: str = JSON,
+        errors: tuple[int, ...] = (),
+        public: bool = False,
+        metric: str | None = None,
+        operation_id: str | None = None,
+    ) -> Callable[[Callable[..., Any]], Callable[..., Response]]:
+        """Declare a view: it gets ``body=``/``query=`` loaded; a non-Response answer is dumped.
+
+        ``public`` routes need no token (:mod:`vmmgate.web.auth` reads it).
+        ``metric`` names the VM operation the view is counted and timed as
+        (:func:`vmmgate.web.metrics.observe`, once its arguments loaded).
+        ``operation_id`` defaults to the view's name in camelCase.
+        """
+
+        def decorate(view: Callable[..., Any]) -> Callable[..., Response]:
+            operation = Operation(
+                operation_id=operation_id or _camel(view.__name__),
+                summary=summary,
+                tag=self.tag,
+                description=description,
+                body=body,
+                query=query,
+                response=response,
+                media=media,
+                errors=errors,
+                public=public,
+                metric=metric,
+            )
+
+            @functools.wraps(view)
+            def declared(**kwargs: Any) -> Response:
+                if body is not None:
+                    # The original accepted `curl -d` bodies (form Content-Type):
+                    # never trust the header.
+                    raw = request.get_data(cache=False)
+                    kwargs["body"] = schemas.load(body, schemas.parse_json(raw))
+                if query is not None:
+                    kwargs["query"] = vm_schemas.load_query(query, request.args)
+                if metric is None:
+                    answer = view(**kwargs)
+                else:
+                    with metrics.observe(metric):
+                        answer = view(**kwargs)
+                if isinstance(answer, Response):
+                    return answer
+                if isinstance(response, Schema):
+                    answer = response.dump(answer)
+                return jsonify(answer)
+
+            setattr(declared, ATTRIBUTE, operation)
+            return declared
+
+        return decorate
+
+
+def declaration(app: Flask, endpoint: str | None) -> Operation | None:
+    """Return the declaration of ``endpoint``'s view, or None (undeclared or no route)."""
+    view = app.view_functions.get(endpoint) if endpoint else None
+    return getattr(view, ATTRIBUTE, None)
 
 
 def _content(schema: Schema | dict[str, Any], media: str = JSON) -> dict[str, Any]:
@@ -219,17 +166,19 @@ def _content(schema: Schema | dict[str, Any], media: str = JSON) -> dict[str, An
     return {media: {"schema": schema}}
 
 
-def _operation(op: Operation) -> dict[str, Any]:
-    """Return the OpenAPI operation object of ``op``."""
+def _operation(op: Operation, path_names: list[str]) -> dict[str, Any]:
+    """Return the OpenAPI operation object of ``op`` (its path has ``path_names``)."""
     responses: dict[Any, Any] = {
-        str(op.status): {
+        "200": {
             "description": "OK",
             **({"content": _content(op.response, op.media)} if op.response else {}),
         }
     }
-    # Every route but those that need no token (security: []) can answer 401.
-    needs_token = op.extra.get("security") != []
-    for code in sorted(set(op.errors) | ({401} if needs_token else set())):
+    codes = set(op.errors) | ({401} if not op.public else set())
+    codes |= set(BODY_ERRORS if op.body is not None else ())
+    codes |= set(QUERY_ERRORS if op.query is not None else ())
+    codes |= set(PATH_ERRORS if path_names else ())
+    for code in sorted(codes):
         responses[str(code)] = {
             "description": ERRORS[code],
             "content": _content(schemas.ERROR),
@@ -238,9 +187,10 @@ def _operation(op: Operation) -> dict[str, Any]:
         "description": "Any other error (404 unknown route, 405 wrong method, ...).",
         "content": _content(schemas.ERROR),
     }
-    parameters: list[dict[str, Any]] = []
-    if op.vm_id:
-        parameters.append(_VM_ID)
+    parameters: list[dict[str, Any]] = [
+        {"in": "path", "name": name, "required": True, **PATH_PARAMETERS[name]}
+        for name in path_names
+    ]
     if op.query is not None:
         parameters.append({"in": "query", "schema": op.query})
     operation: dict[str, Any] = {
@@ -255,11 +205,16 @@ def _operation(op: Operation) -> dict[str, Any]:
         operation["parameters"] = parameters
     if op.body is not None:
         operation["requestBody"] = {"required": True, "content": _content(op.body)}
-    return operation | op.extra
+    if op.public:
+        operation["security"] = []
+    return operation
 
 
-def build_spec() -> APISpec:
-    """Build the APISpec object from :data:`OPERATIONS`."""
+_VARIABLE = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
+
+
+def build_spec(app: Flask) -> APISpec:
+    """Build the APISpec object from the declared views of ``app``, in route order."""
     spec = APISpec(
         title=TITLE,
         version=VERSION,
@@ -271,7 +226,10 @@ def build_spec() -> APISpec:
             "unchanged; `/vms` adds lifecycle operations.",
         },
         tags=[
-            {"name": "original", "description": "The original server's routes."},
+            {
+                "name": "drop-in",
+                "description": "The original server's routes, unchanged.",
+            },
             {
                 "name": "vms",
                 "description": "Lifecycle of the VMs this server launched.",
@@ -286,8 +244,14 @@ def build_spec() -> APISpec:
     )
     spec.components.schema("Error", schema=schemas.ErrorSchema)
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
-        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    for rule in app.url_map.iter_rules():
+        op = declaration(app, rule.endpoint)
+        if op is None:
+            continue
+        names = _VARIABLE.findall(rule.rule)
+        path = _VARIABLE.sub(r"{\1}", rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(op, names)
     for path, operations in paths.items():
         spec.path(path=path, operations=operations)
     return spec
@@ -319,7 +283,11 @@ def _nullable_refs(node: Any) -> Any:
     return node
 
 
-@cache
-def document() -> dict[str, Any]:
-    """Return the OpenAPI document as a dict (built once per process)."""
-    return _nullable_refs(build_spec().to_dict())
+def document(app: Flask) -> dict[str, Any]:
+    """Return ``app``'s OpenAPI document as a dict (built once per app)."""
+    doc = app.extensions.get("vmmgate.openapi")
+    if doc is None:
+        doc = app.extensions["vmmgate.openapi"] = _nullable_refs(
+            build_spec(app).to_dict()
+        )
+    return doc

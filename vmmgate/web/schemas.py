@@ -3,18 +3,31 @@
 Field names and JSON types are the original Rocket server's (serde structs):
 types are strict, so ``"8080"``, ``8080.5`` or ``true`` is not an integer and
 ``1`` is not a boolean. Unknown keys are ignored, as serde ignored them.
+
+Answers are dumped from the core's own values: :func:`schema_for` writes the
+schema of a dataclass from its fields, so a field is declared once, where the
+value is defined.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import re
-from typing import Any
+import types
+import typing
+from datetime import datetime
+from typing import Any, ClassVar
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
+from vmmgate.core import snapshots
 from vmmgate.errors import InvalidBody, MalformedBody
-from vmmgate.model import CreateRequest, SnapshotRequest, StarterConfig
+from vmmgate.model import CreateRequest, CreateResponse, SnapshotRequest, StarterConfig
+
+#: The original's answer to a snapshot that succeeded: that one JSON string.
+SNAPSHOT_DONE = {"type": "string", "enum": [snapshots.SNAPSHOT_DONE]}
 
 #: Linux's dev_valid_name(): 1..15 bytes, not "." or "..", no "/", ":" or
 #: whitespace; we also refuse non-printable or non-ASCII bytes and a leading
@@ -43,30 +56,36 @@ def _validate_ifname(name: str) -> None:
         )
 
 
-class _BodySchema(Schema):
-    """Base for request bodies: ignore unknown keys like serde did."""
+class BodySchema(Schema):
+    """Base for request bodies: ignore unknown keys like serde did; load into ``model``."""
+
+    #: The dataclass a valid body becomes.
+    model: ClassVar[type]
 
     class Meta:
         unknown = EXCLUDE
 
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Any:
+        """Build the dataclass."""
+        return self.model(**data)
 
-class StarterConfigSchema(_BodySchema):
+
+class StarterConfigSchema(BodySchema):
     """Schema of ``config`` (the original's ``Config`` struct, id is u32)."""
 
+    model = StarterConfig
     username = fields.String(required=True)
     password = fields.String(required=True)
     id = fields.Integer(
         required=True, strict=True, validate=validate.Range(min=0, max=2**32 - 1)
     )
 
-    @post_load
-    def _make(self, data: dict[str, Any], **_: Any) -> StarterConfig:
-        """Build the dataclass."""
-        return StarterConfig(**data)
 
-
-class CreateRequestSchema(_BodySchema):
+class CreateRequestSchema(BodySchema):
     """Schema of the ``/create`` body."""
+
+    model = CreateRequest
 
     cpu_snapshot_path = fields.String(required=True)
     memory_snapshot_path = fields.String(required=True)
@@ -77,15 +96,11 @@ class CreateRequestSchema(_BodySchema):
     )
     config = fields.Nested(StarterConfigSchema, load_default=None, allow_none=True)
 
-    @post_load
-    def _make(self, data: dict[str, Any], **_: Any) -> CreateRequest:
-        """Build the dataclass."""
-        return CreateRequest(**data)
 
-
-class SnapshotRequestSchema(_BodySchema):
+class SnapshotRequestSchema(BodySchema):
     """Schema of the ``/snapshot`` body (``rpc_port`` is the original's u16)."""
 
+    model = SnapshotRequest
     cpu_snapshot_path = fields.String(required=True)
     memory_snapshot_path = fields.String(required=True)
     rpc_port = fields.Integer(
@@ -93,19 +108,86 @@ class SnapshotRequestSchema(_BodySchema):
     )
     resume = StrictBoolean(required=True)
 
-    @post_load
-    def _make(self, data: dict[str, Any], **_: Any) -> SnapshotRequest:
-        """Build the dataclass."""
-        return SnapshotRequest(**data)
+
+#: The field of each JSON type a dataclass field's type dumps as.
+_FIELDS: dict[type, type[fields.Field]] = {
+    str: fields.String,
+    int: fields.Integer,
+    float: fields.Float,
+    bool: fields.Boolean,
+    datetime: fields.DateTime,
+}
 
 
-class CreateResponseSchema(Schema):
-    """Schema of the ``/create`` answer."""
+def _field(hint: Any, name: str, **options: Any) -> fields.Field:
+    """Return the marshmallow field that dumps a value of type ``hint``."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and len(args) == 1:
+        return _field(args[0], name, **options, allow_none=True)
+    if typing.get_origin(hint) is list:
+        return fields.List(_field(args[0], name), **options)
+    if dataclasses.is_dataclass(hint):
+        return fields.Nested(_SCHEMAS.get(hint) or schema_for(hint), **options)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        values = [member.value for member in hint]
+        return fields.String(validate=validate.OneOf(values), **options)
+    if hint in _FIELDS:
+        return _FIELDS[hint](**options)
+    raise TypeError(f"{name}: no JSON field for {hint!r}")
 
-    pid = fields.Integer(required=True)
-    port = fields.Integer(required=True)
-    id = fields.String(required=True)
-    ssh_port = fields.Integer(required=True, allow_none=True)
+
+#: The schema of each dataclass, made once: a nested value reuses it.
+_SCHEMAS: dict[type, type[Schema]] = {}
+
+
+def schema_for(
+    model: type,
+    name: str | None = None,
+    *,
+    hints: dict[str, Any] | None = None,
+    docs: dict[str, str] | None = None,
+) -> type[Schema]:
+    """Return the schema that dumps the dataclass ``model``, every field present.
+
+    The fields are the dataclass's, in order, then its public properties. Each
+    is dumped by its type hint, or by ``hints[field]`` where the
+    answer's type is narrower (an enum's values for a plain string); ``docs``
+    describes fields in the OpenAPI document. The schema is named ``name``
+    (default ``<Model>Schema``; the document drops "Schema"). A dataclass gets
+    one schema: nested values of that type reuse it.
+    """
+    if model in _SCHEMAS:
+        raise TypeError(f"{model.__name__} already has {_SCHEMAS[model].__name__}")
+    # The fields, then the public properties (values the dataclass derives).
+    names = [f.name for f in dataclasses.fields(model)]
+    derived = {
+        name: typing.get_type_hints(member.fget)["return"]
+        for name, member in vars(model).items()
+        if isinstance(member, property) and not name.startswith("_")
+    }
+    names += list(derived)
+    hints = typing.get_type_hints(model) | derived | (hints or {})
+    docs = docs or {}
+    unknown = (set(hints) | set(docs)) - set(names)
+    if unknown:
+        raise TypeError(f"{model.__name__} has no field {sorted(unknown)}")
+    declared = {
+        field: _field(
+            hints[field],
+            field,
+            required=True,
+            **({"metadata": {"description": docs[field]}} if field in docs else {}),
+        )
+        for field in names
+    }
+    schema = Schema.from_dict(declared, name=name or f"{model.__name__}Schema")
+    schema.__doc__ = f"{model.__name__}, as the API answers it."
+    _SCHEMAS[model] = schema
+    return schema
+
+
+#: The ``/create`` answer.
+CreateResponseSchema = schema_for(CreateResponse)
 
 
 class ErrorDetailSchema(Schema):

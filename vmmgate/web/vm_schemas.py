@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
+from vmmgate.core.health import Check
+from vmmgate.core.vminfo import Snapshot, SnapshotTaken
 from vmmgate.errors import InvalidQuery
-from vmmgate.model import VmKind, VmSnapshotRequest, VmState
-from vmmgate.web.schemas import StrictBoolean
+from vmmgate.model import VmInfo, VmKind, VmmStatus, VmSnapshotRequest, VmState
+from vmmgate.web.schemas import BodySchema, StrictBoolean, schema_for
 
 #: The longest ``?tail=`` accepted (lines).
 MAX_TAIL_LINES = 100_000
@@ -25,12 +27,10 @@ DEFAULT_FOLLOW_S = 300.0
 MAX_STOP_TIMEOUT_S = 600.0
 
 
-class VmSnapshotRequestSchema(Schema):
+class VmSnapshotRequestSchema(BodySchema):
     """Schema of the ``/vms/<id>/snapshot`` body."""
 
-    class Meta:
-        unknown = EXCLUDE
-
+    model = VmSnapshotRequest
     cpu_snapshot_path = fields.String(
         required=True, metadata={"description": "where to write the CPU/device state"}
     )
@@ -42,70 +42,24 @@ class VmSnapshotRequestSchema(Schema):
         metadata={"description": "true: the VM runs on; false: it stays paused"},
     )
 
-    @post_load
-    def _make(self, data: dict[str, Any], **_: Any) -> VmSnapshotRequest:
-        """Build the dataclass."""
-        return VmSnapshotRequest(**data)
 
-
-class VmmStatusSchema(Schema):
-    """What the VM's VMM reports about itself (its ``status`` RPC), when it answers."""
-
-    state = fields.String(required=True, metadata={"description": "running or paused"})
-    qemu_pid = fields.Integer(required=True, allow_none=True)
-    accel = fields.String(required=True, allow_none=True)
-    machine = fields.String(required=True, allow_none=True)
-    net = fields.String(required=True, allow_none=True)
-    ssh_port = fields.Integer(required=True, allow_none=True)
-    console_log = fields.String(required=True, allow_none=True)
-    uptime_s = fields.Float(required=True, allow_none=True)
-    snapshots_taken = fields.Integer(required=True, allow_none=True)
-
-
-class VmSchema(Schema):
-    """One VM this server launched, as the registry and its VMM know it."""
-
-    id = fields.String(required=True)
-    state = fields.String(
-        required=True,
-        validate=validate.OneOf([s.value for s in VmState]),
-        metadata={"description": "starting, running, paused, exited or failed"},
-    )
-    kind = fields.String(
-        required=True,
-        validate=validate.OneOf([k.value for k in VmKind]),
-        metadata={"description": "boot: from kernel_path; restore: from the snapshot"},
-    )
-    pid = fields.Integer(required=True, allow_none=True)
-    port = fields.Integer(required=True, metadata={"description": "RPC port"})
-    ssh_port = fields.Integer(required=True, allow_none=True)
-    kernel_path = fields.String(required=True, allow_none=True)
-    cpu_snapshot_path = fields.String(required=True, allow_none=True)
-    memory_snapshot_path = fields.String(required=True, allow_none=True)
-    memory_mib = fields.Integer(required=True, allow_none=True)
-    vcpus = fields.Integer(required=True, allow_none=True)
-    tap_device = fields.String(required=True, allow_none=True)
-    created_at = fields.DateTime(required=True)
-    exited_at = fields.DateTime(required=True, allow_none=True)
-    uptime_s = fields.Float(
-        required=True,
-        metadata={"description": "seconds since creation (until it ended, if it has)"},
-    )
-    exit_status = fields.Integer(
-        required=True,
-        allow_none=True,
-        metadata={
-            "description": "the VMM's exit code, or minus the signal that killed it; "
-            "null while it runs or when no vmmgate process could see it end"
-        },
-    )
-    exit_description = fields.String(required=True, allow_none=True)
-    vmm_status = fields.Nested(
-        VmmStatusSchema,
-        required=True,
-        allow_none=True,
-        metadata={"description": "GET /vms/<id> only, when the VMM answers"},
-    )
+# The answers are the core's own values, dumped field by field (schema_for):
+# only what the document says about a field beyond its type is written here.
+VmmStatusSchema = schema_for(VmmStatus, docs={"state": "running or paused"})
+VmSchema = schema_for(
+    VmInfo,
+    "VmSchema",
+    hints={"state": VmState, "kind": VmKind},
+    docs={
+        "state": "starting, running, paused, exited or failed",
+        "kind": "boot: from kernel_path; restore: from the snapshot",
+        "port": "RPC port",
+        "uptime_s": "seconds since creation (until it ended, if it has)",
+        "exit_status": "the VMM's exit code, or minus the signal that killed it; "
+        "null while it runs or when no vmmgate process could see it end",
+        "vmm_status": "GET /vms/<id> only, when the VMM answers",
+    },
+)
 
 
 class VmListSchema(Schema):
@@ -114,22 +68,19 @@ class VmListSchema(Schema):
     vms = fields.List(fields.Nested(VmSchema), required=True)
 
 
-class VmSnapshotResponseSchema(Schema):
-    """``POST /vms/<id>/snapshot``: where the snapshot went and the VM afterwards."""
-
-    result = fields.String(required=True)
-    cpu_snapshot_path = fields.String(required=True)
-    memory_snapshot_path = fields.String(required=True)
-    resume = fields.Boolean(required=True)
-    vm = fields.Nested(VmSchema, required=True)
-
-
-class HealthCheckSchema(Schema):
-    """One health check."""
-
-    name = fields.String(required=True)
-    ok = fields.Boolean(required=True)
-    detail = fields.String(required=True)
+SnapshotSchema = schema_for(
+    Snapshot,
+    docs={
+        "snapshot_id": "the id the VMM wrote in both files (null: its format is unknown)",
+        "cpu_bytes": "size of the CPU/device state file",
+        "memory_bytes": "size of the guest RAM file",
+        "resume": "true: the VM ran on; false: it stayed paused",
+    },
+)
+#: ``POST /vms/<id>/snapshot``: the snapshot taken and the VM afterwards.
+VmSnapshotResponseSchema = schema_for(SnapshotTaken, "VmSnapshotResponseSchema")
+#: One health check.
+HealthCheckSchema = schema_for(Check, "HealthCheckSchema")
 
 
 class HealthSchema(Schema):

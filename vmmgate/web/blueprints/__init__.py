@@ -1,23 +1,22 @@
-"""HTTP views, one blueprint per resource; thin: load, call the service, return."""
+"""HTTP views, one blueprint per resource; thin: call the core, return its value.
+
+Each view declares what it takes and answers (:class:`vmmgate.web.openapi.Declarations`):
+that declaration loads its body and query, dumps its answer and is the OpenAPI
+document's entry for it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from flask import current_app
 
-from flask import current_app, request
-from marshmallow import Schema
-
-from vmmgate.core.service import VmService
+from vmmgate.core.vms import Vms
 from vmmgate.web.extensions import get_service
-from vmmgate.web.schemas import load, parse_json
+from vmmgate.web.openapi import Declarations
+
+#: The original Rocket server's routes (``/create``, ``/snapshot``).
+ORIGINAL = Declarations("drop-in")
 
 
-def read_body(schema: Schema) -> Any:
-    """Parse the request body as JSON whatever its Content-Type, and load it with ``schema``."""
-    # The original accepted `curl -d` bodies (form Content-Type): never trust the header.
-    return load(schema, parse_json(request.get_data(cache=False)))
-
-
-def service() -> VmService:
-    """Return the current app's VmService."""
+def service() -> Vms:
+    """Return the current app's front door to its VMs."""
     return get_service(current_app)

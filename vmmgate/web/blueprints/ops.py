@@ -5,15 +5,16 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, jsonify, send_from_directory
+from flask import Blueprint, Response, abort, current_app, send_from_directory
 from werkzeug.exceptions import ServiceUnavailable
 
-from vmmgate.core import health
 from vmmgate.web import metrics, openapi
-from vmmgate.web.extensions import get_lifecycle, get_service, get_settings
+from vmmgate.web.extensions import get_service
+from vmmgate.web.openapi import TEXT, Declarations
 from vmmgate.web.vm_schemas import HEALTH
 
 bp = Blueprint("ops", __name__)
+declare = Declarations("operations")
 
 #: The Swagger UI files the docs page loads (from the swagger-ui-bundle package).
 SWAGGER_FILES = frozenset(
@@ -69,7 +70,7 @@ def swagger_ui_dir() -> Path | None:
 
 def plain_docs_page() -> str:
     """Return a self-contained page listing the operations (no JavaScript needed)."""
-    doc = openapi.document()
+    doc = openapi.document(current_app)
     rows = []
     for path, operations in doc["paths"].items():
         for method, operation in operations.items():
@@ -95,25 +96,48 @@ def plain_docs_page() -> str:
 
 
 @bp.get("/healthz")
-def healthz() -> Response:
+@declare(
+    "Health: QEMU found, state directory writable, registry readable",
+    description="503 (error body naming the failed checks) when one fails. "
+    "Needs no token.",
+    response=HEALTH,
+    errors=(503,),
+    public=True,
+    operation_id="health",
+)
+def healthz() -> object:
     """Answer 200 with every check when healthy, else 503 naming the failed checks."""
-    report = health.check(get_settings(current_app), get_service(current_app).registry)
+    report = get_service(current_app).health()
     if not report.ok:
         raise ServiceUnavailable("Unhealthy: " + report.failures())
-    return jsonify(HEALTH.dump({"status": report.status, "checks": report.checks}))
+    return {"status": report.status, "checks": report.checks}
 
 
 @bp.get("/metrics")
+@declare(
+    "Prometheus metrics",
+    description="VMs by state, guest memory; operations, errors and latencies "
+    "(boot, restore, snapshot, pause, resume, stop); HTTP requests. The same "
+    "numbers from every gunicorn worker.",
+    response={"type": "string"},
+    media=TEXT,
+    operation_id="metrics",
+)
 def prometheus_metrics() -> Response:
     """Answer every metric in Prometheus' text format."""
-    body = metrics.scrape(get_lifecycle(current_app))
+    body = metrics.scrape(get_service(current_app))
     return Response(body, content_type=metrics.CONTENT_TYPE)
 
 
 @bp.get("/openapi.json")
-def openapi_json() -> Response:
+@declare(
+    "This OpenAPI document",
+    response={"type": "object", "description": "This OpenAPI 3 document."},
+    operation_id="openapi",
+)
+def openapi_json() -> object:
     """Answer the OpenAPI 3 document."""
-    return jsonify(openapi.document())
+    return openapi.document(current_app)
 
 
 @bp.get("/docs")

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response
 from werkzeug.exceptions import TooManyRequests
 
-from vmmgate.core.lifecycle import VmLifecycle
-from vmmgate.model import VmState
-from vmmgate.web import metrics
-from vmmgate.web.blueprints import read_body
-from vmmgate.web.extensions import get_lifecycle
+from vmmgate.model import VmSnapshotRequest, VmState
+from vmmgate.web.blueprints import service
+from vmmgate.web.openapi import TEXT, Declarations
 from vmmgate.web.vm_schemas import (
     CONSOLE_QUERY,
     LIST_QUERY,
@@ -21,69 +20,86 @@ from vmmgate.web.vm_schemas import (
     VM_LIST,
     VM_SNAPSHOT_REQUEST,
     VM_SNAPSHOT_RESPONSE,
-    load_query,
 )
 
 bp = Blueprint("vms", __name__, url_prefix="/vms")
+declare = Declarations("vms")
+#: What every route that asks the VM's VMM something can answer besides 404.
+_VMM_ERRORS = (409, 500, 502, 504)
 
 #: Console streams one worker serves at once (each holds one of its threads).
 MAX_FOLLOWERS = 2
 _followers = threading.BoundedSemaphore(MAX_FOLLOWERS)
 
 
-def lifecycle() -> VmLifecycle:
-    """Return the current app's VmLifecycle."""
-    return get_lifecycle(current_app)
-
-
 @bp.get("")
-def list_vms() -> Response:
+@declare(
+    "List the VMs this server launched",
+    description="Oldest first. States are refreshed on read: a VM whose VMM "
+    "ended shows `exited`.",
+    query=LIST_QUERY,
+    response=VM_LIST,
+)
+def list_vms(query: dict[str, Any]) -> dict[str, Any]:
     """List the VMs, oldest first (``?state=`` filters)."""
-    query = load_query(LIST_QUERY, request.args)
     state = VmState(query["state"]) if "state" in query else None
-    return jsonify(VM_LIST.dump({"vms": lifecycle().list(state)}))
+    return {"vms": service().list(state)}
 
 
 @bp.get("/<vm_id>")
-def get_vm(vm_id: str) -> Response:
+@declare(
+    "Inspect one VM",
+    description="Includes `vmm_status`, the VMM's own report, when it answers.",
+    response=VM,
+)
+def get_vm(vm_id: str) -> object:
     """Describe one VM, with its VMM's own status when it answers."""
-    return jsonify(VM.dump(lifecycle().get(vm_id)))
+    return service().get(vm_id)
 
 
 @bp.delete("/<vm_id>")
-def stop_vm(vm_id: str) -> Response:
+@declare(
+    "Stop a VM and forget it",
+    description="Asks the VMM to shut down (RPC `shutdown`), SIGKILLs it after "
+    "`timeout` seconds, removes its run directory and answers how it ended. "
+    "Afterwards the id is a 404. An exited VM is just forgotten.",
+    query=STOP_QUERY,
+    response=VM,
+    errors=(409, 500),
+    metric="stop",
+)
+def stop_vm(vm_id: str, query: dict[str, Any]) -> object:
     """Stop a VM (graceful, then forced), forget it and answer how it ended."""
-    query = load_query(STOP_QUERY, request.args)
-    with metrics.observe("stop"):
-        info = lifecycle().stop(vm_id, query.get("timeout"))
-    return jsonify(VM.dump(info))
+    return service().stop(vm_id, query.get("timeout"))
 
 
 @bp.post("/<vm_id>/pause")
-def pause_vm(vm_id: str) -> Response:
+@declare("Pause a running VM", response=VM, errors=_VMM_ERRORS, metric="pause")
+def pause_vm(vm_id: str) -> object:
     """Pause a running VM."""
-    with metrics.observe("pause"):
-        info = lifecycle().pause(vm_id)
-    return jsonify(VM.dump(info))
+    return service().pause(vm_id)
 
 
 @bp.post("/<vm_id>/resume")
-def resume_vm(vm_id: str) -> Response:
+@declare("Resume a paused VM", response=VM, errors=_VMM_ERRORS, metric="resume")
+def resume_vm(vm_id: str) -> object:
     """Resume a paused VM."""
-    with metrics.observe("resume"):
-        info = lifecycle().resume(vm_id)
-    return jsonify(VM.dump(info))
+    return service().resume(vm_id)
 
 
 @bp.post("/<vm_id>/snapshot")
-def snapshot_vm(vm_id: str) -> Response:
+@declare(
+    "Snapshot a running or paused VM (as POST /snapshot does)",
+    body=VM_SNAPSHOT_REQUEST,
+    response=VM_SNAPSHOT_RESPONSE,
+    errors=(*_VMM_ERRORS, 429, 507),
+    metric="snapshot",
+)
+def snapshot_vm(vm_id: str, body: VmSnapshotRequest) -> object:
     """Snapshot a running or paused VM into two files."""
-    body = read_body(VM_SNAPSHOT_REQUEST)
-    with metrics.observe("snapshot"):
-        taken = lifecycle().snapshot(
-            vm_id, body.cpu_snapshot_path, body.memory_snapshot_path, body.resume
-        )
-    return jsonify(VM_SNAPSHOT_RESPONSE.dump(taken))
+    return service().snapshot(
+        vm_id, body.cpu_snapshot_path, body.memory_snapshot_path, body.resume
+    )
 
 
 class _Stream:
@@ -108,22 +124,31 @@ class _Stream:
 
 
 @bp.get("/<vm_id>/console")
-def console(vm_id: str) -> Response:
+@declare(
+    "The VM's serial console log",
+    description="The whole log, or its last `tail` lines. With `follow`, the "
+    "answer then streams new output until the VM ends or `timeout` seconds.",
+    query=CONSOLE_QUERY,
+    response={"type": "string"},
+    media=TEXT,
+    errors=(429,),
+    operation_id="getConsole",
+)
+def console(vm_id: str, query: dict[str, Any]) -> Response:
     """Answer the serial console log (``?tail=N``); ``?follow=1`` streams new output."""
-    query = load_query(CONSOLE_QUERY, request.args)
     tail = query.get("tail")
     body: Iterable[bytes]
     if not query["follow"]:
-        body = lifecycle().read_console(vm_id, tail)
+        body = service().read_console(vm_id, tail)
     else:
-        lifecycle().console_path(vm_id)  # 404 before taking a slot
+        service().console_path(vm_id)  # 404 before taking a slot
         if not _followers.acquire(blocking=False):
             raise TooManyRequests(
                 f"This worker already streams {MAX_FOLLOWERS} consoles; "
                 "try again later or read without follow."
             )
         try:
-            body = _Stream(lifecycle().follow_console(vm_id, tail, query["timeout"]))
+            body = _Stream(service().follow_console(vm_id, tail, query["timeout"]))
         except BaseException:
             _followers.release()
             raise

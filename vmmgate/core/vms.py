@@ -1,0 +1,263 @@
+"""The one front door to the VMs: every operation by VM id.
+
+The web layer calls only this: create (boot or restore), then by id list,
+inspect, pause, resume, snapshot, stop and read the console. ``POST /snapshot``
+names a VM by its RPC port: the view turns it into an id once
+(:meth:`Vms.id_on_port`). Every operation on an existing VM is guarded by the
+one transition table (:mod:`vmmgate.core.states`), and everything a request
+names is checked before anything is started or written, so a refused request
+leaves no process, no directory and no row.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+from vmmgate.core import console, health, starter
+from vmmgate.core.flavors import Flavor, LaunchSpec, flavor_for
+from vmmgate.core.launcher import Launcher
+from vmmgate.core.paths import PathPolicy
+from vmmgate.core.records import VmRecords
+from vmmgate.core.snapshots import SNAPSHOT_DONE, Snapshots
+from vmmgate.core.states import AFTER, Action, guard
+from vmmgate.core.vminfo import SnapshotTaken, vm_info, vmm_status
+from vmmgate.errors import RemoteConflict, RpcError
+from vmmgate.infra.config import Settings
+from vmmgate.infra.procfs import parent_of
+from vmmgate.infra.registry import Registry
+from vmmgate.infra.rpc import VmmClient
+from vmmgate.model import (
+    CreateRequest,
+    CreateResponse,
+    StarterConfig,
+    VmInfo,
+    VmKind,
+    VmmStatus,
+    VmRecord,
+    VmState,
+)
+
+log = logging.getLogger(__name__)
+
+#: How long GET /vms/<id> waits for the VMM's ``status`` answer before showing registry data only.
+STATUS_PROBE_S = 2.0
+#: How long to wait for the reaper (another thread or process) to record an exit status.
+EXIT_STATUS_WAIT_S = 2.0
+
+
+class Vms:
+    """Creates VMs and carries out every operation on them, by id."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        flavor: Flavor,
+        paths: PathPolicy,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.flavor = flavor
+        self.paths = paths
+        self.records = VmRecords(settings, registry, flavor)
+        self.launcher = Launcher(settings, registry, flavor, self.records)
+        self.snapshots = Snapshots(settings, registry, self.records, flavor, paths)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Vms:
+        """Choose the flavor and create the registry file from validated settings."""
+        flavor = flavor_for(settings)
+        registry = Registry(settings.registry_path)
+        registry.create()
+        settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        vms = cls(
+            settings,
+            registry,
+            flavor,
+            PathPolicy(settings.cwd, settings.kernel_roots, settings.snapshot_roots),
+        )
+        vms.snapshots.create()
+        return vms
+
+    # --- creating -------------------------------------------------------------
+
+    def create(self, request: CreateRequest) -> CreateResponse:
+        """Boot a VM from a kernel, or restore one from snapshot files (``resume``)."""
+        if request.resume:
+            # kernel_path and config are ignored, as the original did.
+            record = self.restore(
+                request.cpu_snapshot_path,
+                request.memory_snapshot_path,
+                request.tap_device,
+            )
+        else:
+            # The snapshot paths are ignored, as the original did.
+            record = self.boot(request.kernel_path, request.config, request.tap_device)
+        assert record.pid is not None
+        return CreateResponse(
+            pid=record.pid, port=record.port, id=record.id, ssh_port=record.ssh_port
+        )
+
+    def boot(
+        self,
+        kernel_path: str,
+        config: StarterConfig | None = None,
+        tap_device: str | None = None,
+    ) -> VmRecord:
+        """Boot a VM from a kernel image; return its record once its VMM is ready."""
+        kernel = self.paths.kernel(kernel_path)
+        if config is not None:
+            starter.validate(config)
+        spec = LaunchSpec(VmKind.BOOT, kernel, config, tap_device=tap_device)
+        return self.launcher.launch(spec)
+
+    def restore(
+        self, cpu_path: str, memory_path: str, tap_device: str | None = None
+    ) -> VmRecord:
+        """Restore a VM from a snapshot pair; return its record once its VMM is ready."""
+        cpu, memory = self.paths.snapshot_pair(cpu_path, memory_path, write=False)
+        # Counted against VMMGATE_MAX_TOTAL_MEMORY_MIB before anything starts.
+        memory_mib = self.flavor.check_pair(cpu, memory)
+        spec = LaunchSpec(
+            VmKind.RESTORE,
+            cpu_path=cpu,
+            memory_path=memory,
+            tap_device=tap_device,
+            memory_mib=memory_mib,
+        )
+        return self.launcher.launch(spec)
+
+    # --- reading --------------------------------------------------------------
+
+    def id_on_port(self, port: int) -> str:
+        """Return the id of the live VM whose VMM listens on ``port``; raise VmNotFound."""
+        return self.records.live_on_port(port).id
+
+    def list(self, state: VmState | None = None) -> list[VmInfo]:
+        """Return every VM (or those in ``state`` once refreshed), oldest first."""
+        return [
+            vm_info(r) for r in self.records.list() if state is None or r.state is state
+        ]
+
+    def get(self, vm_id: str) -> VmInfo:
+        """Return one VM, with its VMM's own status when it answers."""
+        record = self.records.get(vm_id)
+        status = None
+        if record.state in (VmState.RUNNING, VmState.PAUSED):
+            status = self._probe(record)
+            if status is None:
+                record = self.records.refresh(self.registry.get(vm_id) or record)
+            else:
+                record = self._sync_state(record, status)
+        return vm_info(record, status)
+
+    def health(self) -> health.Health:
+        """Run the health checks of this server (its flavor's included)."""
+        return health.check(self.settings, self.registry, self.flavor)
+
+    def _probe(self, record: VmRecord) -> VmmStatus | None:
+        """Ask the VMM for its status; None if it does not answer in time."""
+        try:
+            answer = self._client(record, STATUS_PROBE_S).status()
+        except RpcError as exc:
+            log.info("VM %s did not answer status: %s", record.id, exc)
+            return None
+        return vmm_status(answer)
+
+    def _sync_state(self, record: VmRecord, status: VmmStatus) -> VmRecord:
+        """Adopt the VMM's running/paused state if the registry disagrees."""
+        truth = {"running": VmState.RUNNING, "paused": VmState.PAUSED}.get(status.state)
+        if truth is None or truth is record.state:
+            return record
+        log.info("VM %s: the VMM says %s, not %s", record.id, truth, record.state)
+        self.registry.set_state(record.id, truth)
+        return self.registry.get(record.id) or record
+
+    # --- transitions ----------------------------------------------------------
+
+    def pause(self, vm_id: str) -> VmInfo:
+        """Pause a running VM."""
+        return self._toggle(vm_id, Action.PAUSE)
+
+    def resume(self, vm_id: str) -> VmInfo:
+        """Resume a paused VM."""
+        return self._toggle(vm_id, Action.RESUME)
+
+    def _toggle(self, vm_id: str, action: Action) -> VmInfo:
+        """Pause or resume through the VMM's RPC and record the new state."""
+        record = self.records.get(vm_id)
+        guard(record, action)
+        try:
+            self._client(record).call(action.value)
+        except RemoteConflict:
+            # The registry was behind the VMM (someone used its RPC directly): catch up.
+            status = self._probe(record)
+            if status is not None:
+                self._sync_state(record, status)
+            raise
+        except RpcError:
+            self.records.refresh(record)
+            raise
+        self.registry.set_state(record.id, AFTER[action])
+        log.info("VM %s: %s", record.id, action.value)
+        return vm_info(self.records.get(vm_id))
+
+    def snapshot(
+        self, vm_id: str, cpu_path: str, memory_path: str, resume: bool
+    ) -> SnapshotTaken:
+        """Snapshot a running or paused VM into two files; pause it unless ``resume``."""
+        record = self.records.get(vm_id)
+        guard(record, Action.SNAPSHOT)
+        snapshot = self.snapshots.take(record, cpu_path, memory_path, resume)
+        return SnapshotTaken.of(
+            SNAPSHOT_DONE, snapshot, vm_info(self.records.get(vm_id))
+        )
+
+    def stop(self, vm_id: str, timeout: float | None = None) -> VmInfo:
+        """Stop a VM (shutdown RPC, SIGKILL after ``timeout``), forget it, and return its end."""
+        record = self.records.get(vm_id)
+        guard(record, Action.STOP)
+        handle = self.records.handle(record)
+        if record.is_live:
+            # Known before it dies: an orphan adopted by init has no reaper of ours.
+            orphan = parent_of(record.pid) == 1 if record.pid else True
+            handle.stop(self.settings.stop_timeout if timeout is None else timeout)
+            self.records.record_end(record, None)
+            wait = 0 if orphan else EXIT_STATUS_WAIT_S
+            record = self.records.await_exit_status(record.id, wait) or record
+        final = vm_info(record)
+        self.registry.delete(record.id)
+        handle.run_dir.remove(self.settings.vms_dir)
+        log.info("VM %s stopped and forgotten (%s)", record.id, final.exit_description)
+        return final
+
+    # --- console --------------------------------------------------------------
+
+    def console_path(self, vm_id: str) -> Path:
+        """Return the console log of ``vm_id`` (it may not exist yet); raise VmNotFound."""
+        return self.records.handle(self.records.get(vm_id)).run_dir.console_log
+
+    def read_console(self, vm_id: str, tail: int | None) -> Iterator[bytes]:
+        """Return the retained console as it is now (its last ``tail`` lines if given)."""
+        path = self.console_path(vm_id)
+        return console.read_console(path, tail, self.settings.console_max_bytes)
+
+    def follow_console(
+        self, vm_id: str, tail: int | None, duration: float
+    ) -> Iterator[bytes]:
+        """Return the console (or its tail), then new output until the VM ends or ``duration``."""
+        path = self.console_path(vm_id)
+
+        def is_live() -> bool:
+            record = self.registry.get(vm_id)
+            return record is not None and self.records.refresh(record).is_live
+
+        return console.follow_console(
+            path, tail, self.settings.console_max_bytes, duration, is_live
+        )
+
+    def _client(self, record: VmRecord, timeout: float | None = None) -> VmmClient:
+        """Return an RPC client for ``record``'s VMM with the configured timeouts."""
+        return VmmClient.for_settings(record.port, self.settings, timeout)
