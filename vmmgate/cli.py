@@ -1,9 +1,10 @@
 """``vmmgate``: a command-line client for a running vmmgate server.
 
-Talks HTTP only (the routes of docs/http-api.md), so it works against any
-vmmgate server it can reach. Paths given to it are made absolute against the
-current directory before they are sent, so ``vmmgate boot var/guest/vmlinuz``
-means the same file whichever directory the server runs in.
+Every command is one call of :mod:`vmmgate.client` (the routes of
+docs/http-api.md), so it works against any vmmgate server it can reach.
+Paths given to it are made absolute against the current directory before they
+are sent, so ``vmmgate boot var/guest/vmlinuz`` means the same file whichever
+directory the server runs in.
 """
 
 from __future__ import annotations
@@ -11,81 +12,30 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
 import click
 
-DEFAULT_URL = "http://127.0.0.1:8010"
+from vmmgate.client import (
+    DEFAULT_URL,
+    Client,
+    Created,
+    StarterConfig,
+    Vm,
+    VmmgateError,
+    VmState,
+)
 
 
-class ApiError(click.ClickException):
-    """The server answered with an error (its JSON error body, or something else)."""
+class _Group(click.Group):
+    """The command group: a client error is a one-line message and exit status 1."""
 
-    def __init__(self, code: int, reason: str, description: str | None) -> None:
-        self.code = code
-        self.reason = reason
-        self.description = description
-        super().__init__(
-            f"{code} {reason}" + (f": {description}" if description else "")
-        )
-
-
-@dataclass(frozen=True)
-class Client:
-    """The server's HTTP API, one method per route."""
-
-    url: str
-    token: str | None = None
-    timeout: float = 300.0
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        query: dict[str, Any] | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        """Send a request; return the open response (raise ApiError for an error status)."""
-        params = {k: v for k, v in (query or {}).items() if v is not None}
-        target = self.url.rstrip("/") + path
-        if params:
-            target += "?" + urllib.parse.urlencode(params)
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(target, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; turn the client's errors into click's."""
         try:
-            return urllib.request.urlopen(req, timeout=timeout or self.timeout)
-        except urllib.error.HTTPError as exc:
-            raise _api_error(exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise click.ClickException(
-                f"cannot reach the vmmgate server at {self.url}: {reason}"
-            ) from None
-
-    def json(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
-        """Send a request and return its JSON answer."""
-        with self.request(method, path, body, query) as answer:
-            return json.load(answer)
-
-
-def _api_error(exc: urllib.error.HTTPError) -> ApiError:
-    """Turn an HTTP error answer into an ApiError, using the server's error JSON."""
-    raw = exc.read()
-    try:
-        error = json.loads(raw)["error"]
-        return ApiError(int(error["code"]), str(error["reason"]), error["description"])
-    except (ValueError, KeyError, TypeError):
-        text = raw.decode("utf-8", "replace").strip()[:500]
-        return ApiError(exc.code, str(exc.reason), text or None)
+            return super().invoke(ctx)
+        except VmmgateError as exc:
+            raise click.ClickException(str(exc)) from None
 
 
 def _absolute(path: str) -> str:
@@ -94,29 +44,29 @@ def _absolute(path: str) -> str:
 
 
 def _emit(ctx: click.Context, data: Any, text: str) -> None:
-    """Print ``data`` as JSON with --json, else the human ``text``."""
+    """Print ``data`` (the server's JSON answer) with --json, else the human ``text``."""
     click.echo(json.dumps(data, indent=2) if ctx.obj["json"] else text)
 
 
-def _vm_line(vm: dict[str, Any]) -> str:
+def _vm_line(vm: Vm) -> str:
     """Describe a VM in one line."""
-    parts = [f"VM {vm['id']} {vm['state']}", f"pid {vm['pid']}", f"port {vm['port']}"]
-    if vm.get("ssh_port"):
-        parts.append(f"ssh port {vm['ssh_port']}")
-    if vm.get("exit_description"):
-        parts.append(vm["exit_description"])
+    parts = [f"VM {vm.id} {vm.state}", f"pid {vm.pid}", f"port {vm.port}"]
+    if vm.ssh_port:
+        parts.append(f"ssh port {vm.ssh_port}")
+    if vm.exit_description:
+        parts.append(vm.exit_description)
     return ", ".join(parts)
 
 
-def _vm_details(vm: dict[str, Any]) -> str:
-    """Describe a VM, one field per line."""
-    lines = [f"{key}: {value}" for key, value in vm.items() if key != "vmm_status"]
-    for key, value in (vm.get("vmm_status") or {}).items():
+def _vm_details(vm: Vm) -> str:
+    """Describe a VM, one field per line, in the server's order."""
+    lines = [f"{key}: {value}" for key, value in vm.raw.items() if key != "vmm_status"]
+    for key, value in (vm.raw.get("vmm_status") or {}).items():
         lines.append(f"vmm.{key}: {value}")
     return "\n".join(lines)
 
 
-@click.group()
+@click.group(cls=_Group)
 @click.option(
     "--url",
     envvar="VMMGATE_URL",
@@ -144,7 +94,13 @@ def main(
     as_json: bool,
 ) -> None:
     """Drive a running vmmgate server: list, boot, snapshot, restore, pause, resume, stop."""
-    ctx.obj = {"client": Client(url, token, http_timeout), "json": as_json}
+    try:
+        client = Client(
+            url, token, connect_timeout=http_timeout, read_timeout=http_timeout
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--url") from None
+    ctx.obj = {"client": client, "json": as_json}
 
 
 def _client(ctx: click.Context) -> Client:
@@ -159,22 +115,22 @@ def _client(ctx: click.Context) -> Client:
     help="Only VMs in this state.",
 )
 @click.pass_context
-def list_vms(ctx: click.Context, state: str | None) -> None:
+def list_vms(ctx: click.Context, state: VmState | None) -> None:
     """List the VMs the server launched."""
-    answer = _client(ctx).json("GET", "/vms", state=state)
+    vms = _client(ctx).list_vms(state)
     rows = [("ID", "STATE", "KIND", "PID", "PORT", "SSH", "MEM", "UPTIME", "EXIT")]
-    for vm in answer["vms"]:
+    for vm in vms:
         rows.append(
             (
-                vm["id"],
-                vm["state"],
-                vm["kind"],
-                str(vm["pid"] or "-"),
-                str(vm["port"]),
-                str(vm["ssh_port"] or "-"),
-                f"{vm['memory_mib']}M" if vm["memory_mib"] else "-",
-                f"{vm['uptime_s']:.0f}s",
-                "-" if vm["exit_status"] is None else str(vm["exit_status"]),
+                vm.id,
+                vm.state,
+                vm.kind,
+                str(vm.pid or "-"),
+                str(vm.port),
+                str(vm.ssh_port or "-"),
+                f"{vm.memory_mib}M" if vm.memory_mib else "-",
+                f"{vm.uptime_s:.0f}s",
+                "-" if vm.exit_status is None else str(vm.exit_status),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -184,7 +140,7 @@ def list_vms(ctx: click.Context, state: str | None) -> None:
         ).rstrip()
         for row in rows
     )
-    _emit(ctx, answer, table)
+    _emit(ctx, {"vms": [vm.raw for vm in vms]}, table)
 
 
 @main.command()
@@ -192,17 +148,16 @@ def list_vms(ctx: click.Context, state: str | None) -> None:
 @click.pass_context
 def show(ctx: click.Context, vm_id: str) -> None:
     """Show one VM."""
-    vm = _client(ctx).json("GET", f"/vms/{_quote(vm_id)}")
-    _emit(ctx, vm, _vm_details(vm))
+    vm = _client(ctx).get_vm(vm_id)
+    _emit(ctx, vm.raw, _vm_details(vm))
 
 
-def _created(ctx: click.Context, body: dict[str, Any]) -> None:
-    """POST /create and print the new VM."""
-    answer = _client(ctx).json("POST", "/create", body)
-    text = f"VM {answer['id']}: pid {answer['pid']}, port {answer['port']}"
-    if answer.get("ssh_port"):
-        text += f", ssh port {answer['ssh_port']}"
-    _emit(ctx, answer, text)
+def _created(ctx: click.Context, answer: Created) -> None:
+    """Print the VM a /create made."""
+    text = f"VM {answer.id}: pid {answer.pid}, port {answer.port}"
+    if answer.ssh_port:
+        text += f", ssh port {answer.ssh_port}"
+    _emit(ctx, answer.raw, text)
 
 
 @main.command()
@@ -227,18 +182,13 @@ def boot(
     net_id: int,
 ) -> None:
     """Boot a fresh VM from KERNEL."""
-    body: dict[str, Any] = {
-        "cpu_snapshot_path": "<cpu_path>",
-        "memory_snapshot_path": "<memory_path>",
-        "kernel_path": _absolute(kernel),
-        "resume": False,
-        "tap_device": tap,
-    }
+    config = None
     if user is not None or password is not None:
         if user is None or password is None:
             raise click.UsageError("--user and --password go together")
-        body["config"] = {"username": user, "password": password, "id": net_id}
-    _created(ctx, body)
+        config = StarterConfig(username=user, password=password, id=net_id)
+    answer = _client(ctx).boot(_absolute(kernel), tap_device=tap, config=config)
+    _created(ctx, answer)
 
 
 @main.command()
@@ -248,16 +198,8 @@ def boot(
 @click.pass_context
 def restore(ctx: click.Context, cpu: str, memory: str, tap: str | None) -> None:
     """Restore a VM from a snapshot's CPU and MEMORY files."""
-    _created(
-        ctx,
-        {
-            "cpu_snapshot_path": _absolute(cpu),
-            "memory_snapshot_path": _absolute(memory),
-            "kernel_path": "<kernel>",
-            "resume": True,
-            "tap_device": tap,
-        },
-    )
+    answer = _client(ctx).restore(_absolute(cpu), _absolute(memory), tap_device=tap)
+    _created(ctx, answer)
 
 
 @main.command()
@@ -275,39 +217,30 @@ def snapshot(
     ctx: click.Context, vm_id: str, cpu: str, memory: str, resume: bool
 ) -> None:
     """Snapshot VM_ID into the CPU and MEMORY files."""
-    answer = _client(ctx).json(
-        "POST",
-        f"/vms/{_quote(vm_id)}/snapshot",
-        {
-            "cpu_snapshot_path": _absolute(cpu),
-            "memory_snapshot_path": _absolute(memory),
-            "resume": resume,
-        },
+    taken = _client(ctx).snapshot_vm(
+        vm_id, _absolute(cpu), _absolute(memory), resume=resume
     )
     _emit(
         ctx,
-        answer,
-        f"{answer['result']}: {answer['cpu_snapshot_path']} + "
-        f"{answer['memory_snapshot_path']}; VM {vm_id} {answer['vm']['state']}",
+        taken.raw,
+        f"{taken.result}: {taken.cpu_snapshot_path} + "
+        f"{taken.memory_snapshot_path}; VM {vm_id} {taken.vm.state}",
     )
 
 
-@main.command()
-@click.argument("vm_id")
-@click.pass_context
-def pause(ctx: click.Context, vm_id: str) -> None:
-    """Pause a running VM."""
-    vm = _client(ctx).json("POST", f"/vms/{_quote(vm_id)}/pause")
-    _emit(ctx, vm, _vm_line(vm))
+def _transition(name: str, help_text: str) -> None:
+    """Add the command ``name`` (pause or resume): the client's method of that name."""
+
+    @main.command(name, help=help_text)
+    @click.argument("vm_id")
+    @click.pass_context
+    def command(ctx: click.Context, vm_id: str) -> None:
+        vm = getattr(_client(ctx), name)(vm_id)
+        _emit(ctx, vm.raw, _vm_line(vm))
 
 
-@main.command()
-@click.argument("vm_id")
-@click.pass_context
-def resume(ctx: click.Context, vm_id: str) -> None:
-    """Resume a paused VM."""
-    vm = _client(ctx).json("POST", f"/vms/{_quote(vm_id)}/resume")
-    _emit(ctx, vm, _vm_line(vm))
+_transition("pause", "Pause a running VM.")
+_transition("resume", "Resume a paused VM.")
 
 
 @main.command()
@@ -320,8 +253,8 @@ def resume(ctx: click.Context, vm_id: str) -> None:
 @click.pass_context
 def stop(ctx: click.Context, vm_id: str, timeout: float | None) -> None:
     """Stop a VM and forget it."""
-    vm = _client(ctx).json("DELETE", f"/vms/{_quote(vm_id)}", timeout=timeout)
-    _emit(ctx, vm, _vm_line(vm))
+    vm = _client(ctx).stop(vm_id, timeout)
+    _emit(ctx, vm.raw, _vm_line(vm))
 
 
 @main.command()
@@ -340,25 +273,15 @@ def console(
     ctx: click.Context, vm_id: str, tail: int | None, follow: bool, timeout: float
 ) -> None:
     """Print the VM's serial console."""
-    client = _client(ctx)
-    query: dict[str, Any] = {"tail": tail}
-    if follow:
-        query.update(follow="1", timeout=timeout)
-    with client.request(
-        "GET",
-        f"/vms/{_quote(vm_id)}/console",
-        query=query,
-        timeout=max(client.timeout, timeout + 30) if follow else None,
-    ) as answer:
-        out = sys.stdout.buffer
-        while chunk := answer.read1(65536):
+    client, out = _client(ctx), sys.stdout.buffer
+    if not follow:
+        out.write(client.console(vm_id, tail))
+        out.flush()
+        return
+    with client.follow_console(vm_id, tail, timeout) as stream:
+        for chunk in stream:
             out.write(chunk)
             out.flush()
-
-
-def _quote(vm_id: str) -> str:
-    """Quote an id for use in a URL path."""
-    return urllib.parse.quote(vm_id, safe="")
 
 
 if __name__ == "__main__":
