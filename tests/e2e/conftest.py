@@ -32,9 +32,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """gunicorn with 2 workers on 127.0.0.1, a temporary state dir and the bundled VMM."""
+def require_guest() -> None:
+    """Fail (not skip) when the demo guest or QEMU is missing: make test provides both."""
     if not (GUEST / "vmlinuz").is_file() or not (GUEST / "initramfs.cpio.gz").is_file():
         pytest.fail(
             "the demo guest is missing: run `python -m vmmgate.guest build` (make test does)"
@@ -43,13 +42,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         pytest.fail(
             "qemu-system-x86_64 is missing: install the Debian package qemu-system-x86"
         )
-    base = tmp_path_factory.mktemp("e2e")
+
+
+def guest_server(base: Path, **env: str) -> Server:
+    """Prepare (not start) a gunicorn on a state dir of its own under ``base``.
+
+    The VMM finds its default initramfs in <state>/guest: the built guest is shared.
+    """
+    require_guest()
     state = base / "state"
     state.mkdir()
-    # The VMM finds its default initramfs in <state>/guest: share the built guest.
     (state / "guest").symlink_to(GUEST)
-    srv = make_server(state, base / "gunicorn.log", VMMGATE_READY_TIMEOUT="60")
-    with srv.running():
+    env.setdefault("VMMGATE_READY_TIMEOUT", "60")
+    return make_server(state, base / "gunicorn.log", **env)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """gunicorn with 2 workers on 127.0.0.1, a temporary state dir and the bundled VMM."""
+    with guest_server(tmp_path_factory.mktemp("e2e")).running() as srv:
         yield srv
 
 

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BOOT_TIMEOUT, GUEST, Vm, boot_body, restore_body
+from tests.e2e.conftest import (
+    BOOT_TIMEOUT,
+    Vm,
+    boot_body,
+    guest_server,
+    restore_body,
+)
 from tests.e2e.support import (
     SNAPSHOT_OK,
     VmFactory,
@@ -29,7 +35,7 @@ from tests.e2e.support import (
     vmm_status,
 )
 from tests.guestcheck import assert_restored_continues, counters
-from tests.server import Server, make_server, processes_under, wait_for
+from tests.server import Server, processes_under, wait_for
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.infra.registry import SCHEMA_VERSION
 from vmmgate.shared.consolelog import rotated_path
@@ -44,19 +50,11 @@ FIRST_KERNEL_LINE = "Linux version"
 ROTATION_TIMEOUT = 150
 
 
-def own_server(base: Path, **env: str) -> Server:
-    """Prepare a gunicorn on its own state dir (sharing the built demo guest)."""
-    state = base / "state"
-    state.mkdir()
-    (state / "guest").symlink_to(GUEST)
-    return make_server(state, base / "gunicorn.log", VMMGATE_READY_TIMEOUT="60", **env)
-
-
 @pytest.fixture(scope="module")
 def console_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server whose VMs keep at most CAP bytes per console segment and boot verbosely."""
     command = [sys.executable, "-m", "vmmgate.vmm", "--cmdline", VERBOSE_CMDLINE]
-    srv = own_server(
+    srv = guest_server(
         tmp_path_factory.mktemp("console"),
         VMMGATE_CONSOLE_MAX_BYTES=str(CAP),
         VMMGATE_VMM_COMMAND=shlex.join(command),
@@ -295,7 +293,7 @@ def test_port_exhaustion_is_a_503_and_ports_are_taken_back(
     """3 RPC ports, one held by another process: 2 VMs fill the range, the 3rd is a 503; freed ports return."""
     low = free_port_run(3)
     high = low + 2
-    server = own_server(
+    server = guest_server(
         tmp_path_factory.mktemp("ports"), VMMGATE_RPC_PORTS=f"{low}-{high}"
     )
     squatter = socket.socket()
@@ -345,7 +343,7 @@ def test_port_exhaustion_is_a_503_and_ports_are_taken_back(
 
 def test_gunicorn_refuses_a_newer_registry(tmp_path: Path) -> None:
     """A state dir whose registry has a newer schema: gunicorn exits, saying why; the file is unchanged."""
-    server = own_server(tmp_path)
+    server = guest_server(tmp_path)
     registry = server.state / "registry.sqlite3"
     newer = SCHEMA_VERSION + 1
     db = sqlite3.connect(registry)

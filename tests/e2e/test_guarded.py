@@ -18,7 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import GUEST, Vm, boot_body, restore_body, snapshot_body
+from tests.e2e.conftest import (
+    Vm,
+    boot_body,
+    guest_server,
+    restore_body,
+    snapshot_body,
+)
 from tests.e2e.support import (
     VmFactory,
     assert_error,
@@ -58,19 +64,13 @@ ROUTES = [
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn with a token, at most 2 VMs of 128 MiB in 300 MiB, one snapshot at a time."""
-    base = tmp_path_factory.mktemp("guarded")
-    state = base / "state"
-    state.mkdir()
-    (state / "guest").symlink_to(GUEST)
-    server = make_server(
-        state,
-        base / "gunicorn.log",
+    server = guest_server(
+        tmp_path_factory.mktemp("guarded"),
         VMMGATE_TOKEN=TOKEN,
         VMMGATE_MAX_VMS="2",
         VMMGATE_DEFAULT_MEMORY_MIB="128",
         VMMGATE_MAX_TOTAL_MEMORY_MIB="300",
         VMMGATE_MAX_CONCURRENT_SNAPSHOTS="1",
-        VMMGATE_READY_TIMEOUT="60",
     )
     with server.running():
         yield server

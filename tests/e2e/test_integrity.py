@@ -13,7 +13,6 @@ the source was; a fresh boot, a stale snapshot or one damaged page does not.
 from __future__ import annotations
 
 import shlex
-import shutil
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,7 +20,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.conftest import GUEST, Vm, boot_body, restore_body, snapshot_body
+from tests.e2e.conftest import (
+    Vm,
+    boot_body,
+    guest_server,
+    restore_body,
+    snapshot_body,
+)
 from tests.e2e.support import (
     VmFactory,
     assert_restore_continues,
@@ -31,7 +36,7 @@ from tests.e2e.support import (
     vmm_status,
 )
 from tests.guestcheck import MEMCHECK_CMDLINE, pattern_mib, pattern_sums, rounds
-from tests.server import Server, make_server, wait_for
+from tests.server import Server, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -48,32 +53,15 @@ ROUND_TIMEOUT = 180
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn whose VMMs boot the guest with the memory check on."""
-    if not (GUEST / "vmlinuz").is_file() or not (GUEST / "initramfs.cpio.gz").is_file():
-        pytest.fail(
-            "the demo guest is missing: run `python -m vmmgate.guest build` (make test does)"
-        )
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.fail(
-            "qemu-system-x86_64 is missing: install the Debian package qemu-system-x86"
-        )
-    base = tmp_path_factory.mktemp("integrity")
-    state = base / "state"
-    state.mkdir()
-    (state / "guest").symlink_to(GUEST)
-    command = shlex.join(
-        [
-            sys.executable,
-            "-m",
-            "vmmgate.vmm",
-            "--cmdline",
-            MEMCHECK_CMDLINE(PATTERN_MIB),
-        ]
-    )
-    srv = make_server(
-        state,
-        base / "gunicorn.log",
-        VMMGATE_READY_TIMEOUT="60",
-        VMMGATE_VMM_COMMAND=command,
+    command = [
+        sys.executable,
+        "-m",
+        "vmmgate.vmm",
+        "--cmdline",
+        MEMCHECK_CMDLINE(PATTERN_MIB),
+    ]
+    srv = guest_server(
+        tmp_path_factory.mktemp("integrity"), VMMGATE_VMM_COMMAND=shlex.join(command)
     )
     with srv.running():
         yield srv

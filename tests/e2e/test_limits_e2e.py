@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import GUEST, Vm, boot_body, snapshot_body
-from tests.server import Response, Server, make_server, processes_under, wait_for
+from tests.e2e.conftest import Vm, boot_body, guest_server, snapshot_body
+from tests.server import Response, Server, processes_under, wait_for
 from vmmgate.infra import rpc
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.model import LIVE_STATES
@@ -43,18 +43,11 @@ MAX_SNAPSHOTS = 1
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn (2 workers), at most 2 VMs of 128 MiB and one snapshot at a time."""
-    base = tmp_path_factory.mktemp("limits")
-    state = base / "state"
-    state.mkdir()
-    # The VMM finds its default initramfs in <state>/guest: share the built guest.
-    (state / "guest").symlink_to(GUEST)
-    server = make_server(
-        state,
-        base / "gunicorn.log",
+    server = guest_server(
+        tmp_path_factory.mktemp("limits"),
         VMMGATE_MAX_VMS=str(MAX_VMS),
         VMMGATE_MAX_CONCURRENT_SNAPSHOTS=str(MAX_SNAPSHOTS),
         VMMGATE_DEFAULT_MEMORY_MIB="128",
-        VMMGATE_READY_TIMEOUT="60",
     )
     with server.running():
         yield server

@@ -15,10 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import BOOT_TIMEOUT, GUEST, UP_LINE, Vm, boot_body, restore_body
+from tests.e2e.conftest import (
+    BOOT_TIMEOUT,
+    UP_LINE,
+    Vm,
+    boot_body,
+    guest_server,
+    restore_body,
+)
 from tests.e2e.support import SNAPSHOT_OK, assert_error, post, vmm_status
 from tests.guestcheck import assert_restored_continues, counters
-from tests.server import Server, make_server, processes_under, wait_for
+from tests.server import Server, processes_under, wait_for
 from vmmgate.infra import procfs
 from vmmgate.infra.config import Limits
 from vmmgate.infra.procfs import is_same_process
@@ -35,12 +42,8 @@ LOADED_TIMEOUT = 600
 @pytest.fixture
 def scale_server(tmp_path: Path) -> Iterator[Server]:
     """A gunicorn with default limits on its own state dir; stops every VM it has at the end."""
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "guest").symlink_to(GUEST)
-    server = make_server(
-        state,
-        tmp_path / "gunicorn.log",
+    server = guest_server(
+        tmp_path,
         VMMGATE_READY_TIMEOUT="300",
         VMMGATE_DEFAULT_MEMORY_MIB=str(GUEST_MIB),
     )
