@@ -24,7 +24,7 @@ from flask import Flask
 
 from tests.snapfiles import make_pair
 from tests.test_http import assert_error, boot_body, snap_body, vm_dirs
-from vmmgate.errors import ConfigError
+from vmmgate.errors import ConfigError, SnapshotInProgress
 from vmmgate.infra import procfs, rpc
 from vmmgate.infra.config import load_settings
 from vmmgate.model import LIVE_STATES, VmKind, VmRecord, VmState
@@ -324,3 +324,78 @@ def test_too_little_free_disk_is_507_before_the_vm_is_paused(
     assert rpc.VmmClient(port).status()["state"] == "running"
     assert not (work / "cpu.snap").exists() and not (work / "mem.snap").exists()
     assert get_service(app).snapshots.slots.in_progress() == []
+
+
+# --- target locks ------------------------------------------------------------------
+
+
+def test_target_lock_table(make_app: Callable[..., Flask], work: Path) -> None:
+    """The lock table: a path held by one slot refuses any other, until it is released.
+
+    Either path of a pair conflicts, whichever field it is in; a dead holder's
+    locks go with its slot.
+    """
+    slots = get_service(make_app()).snapshots.slots
+    a, b, c = work / "a", work / "b", work / "c"
+    token = slots.acquire("vm-a", [(a, "cpu 'a'"), (b, "memory 'b'")])
+    assert slots.locked_targets() == {str(a): "vm-a", str(b): "vm-a"}
+    for pair in ([(b, "cpu 'b'"), (c, "memory 'c'")], [(c, "cpu 'c'"), (a, "m 'a'")]):
+        with pytest.raises(SnapshotInProgress, match="of VM vm-a") as refused:
+            slots.acquire("vm-b", pair)
+        assert pair[0][1] in str(refused.value) or pair[1][1] in str(refused.value)
+    assert slots.in_progress() == ["vm-a"]  # a refusal holds nothing
+    other = slots.acquire("vm-b", [(c, "c")])  # a free path is not blocked
+    slots.release(token)
+    assert slots.locked_targets() == {str(c): "vm-b"}
+    slots.release(slots.acquire("vm-c", [(a, "a"), (b, "b")]))
+    slots.release(other)
+    # A slot whose worker is gone: its locks are taken back with it.
+    pid, start = dead_pid()
+    with get_service(make_app()).registry.transaction() as db:
+        db.execute(
+            "INSERT INTO snapshots VALUES ('vm-dead', 'stale', ?, ?, ?)",
+            (pid, start, time.time()),
+        )
+        db.execute(
+            "INSERT INTO snapshot_targets VALUES (?, 'stale', 'vm-dead')", (str(a),)
+        )
+    slots.release(slots.acquire("vm-b", [(a, "a")]))
+    assert slots.locked_targets() == {} and slots.in_progress() == []
+
+
+@pytest.mark.parametrize("spelling", ["direct", "dotdot", "symlink"])
+def test_snapshot_to_a_locked_target_is_409(
+    two_workers: tuple[Flask, Flask, int], work: Path, spelling: str
+) -> None:
+    """Another VM's snapshot writing the file (held by the other app): 409 naming it.
+
+    The same file named through ``sub/../`` or a symlinked directory inside the
+    root is the same lock. Nothing is written, the VMM is not paused; once the
+    lock is released the snapshot goes through.
+    """
+    first, second, port = two_workers
+    (work / "sub").mkdir()
+    (work / "link").symlink_to(work)
+    slots = get_service(second).snapshots.slots
+    token = slots.acquire("other-vm", [(work / "mem.snap", "x"), (work / "o", "y")])
+    mem = {
+        "direct": "mem.snap",
+        "dotdot": "sub/../mem.snap",
+        "symlink": "link/mem.snap",
+    }
+    body = snap_body(port, cpu="cpu.snap", mem=mem[spelling], resume=False)
+    try:
+        assert_error(
+            first.test_client().post("/snapshot", json=body),
+            409,
+            f"memory_snapshot_path {mem[spelling]!r}",
+            "snapshot of VM other-vm",
+        )
+        assert not (work / "cpu.snap").exists() and not (work / "mem.snap").exists()
+        status = rpc.VmmClient(port).status()
+        assert status["state"] == "running" and status["snapshots_taken"] == 0
+    finally:
+        slots.release(token)
+    ok = first.test_client().post("/snapshot", json=body)
+    assert ok.status_code == 200, ok.get_data(as_text=True)
+    assert slots.locked_targets() == {}

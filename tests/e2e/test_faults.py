@@ -12,10 +12,12 @@ kill or stop a VM restore their own from the base, which takes about a second.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -363,3 +365,232 @@ def test_twenty_parallel_snapshots_then_with_a_stop(
     verify_pair(cpu, memory)
     # A write the stop cut short leaves no named temporary or Undo entry behind.
     assert temp_files(snapshots) == [], listing(snapshots)
+
+
+# --- ENOSPC inside a write phase ------------------------------------------------------------
+
+
+@dataclass
+class SplitMounts:
+    """A server whose test VM snapshots its CPU and memory files onto two tmpfs mounts."""
+
+    server: Server
+    vm: Vm
+    cpu: Path
+    memory: Path
+    log: PhaseLog
+
+    def attempt(self) -> tuple[Response, list[str]]:
+        """Snapshot (resume=false) over the earlier pair; return the answer and the markers."""
+        wait_counting(self.vm)
+        mark = self.log.size()
+        response = snap(self.server, self.vm, self.cpu, self.memory, False)
+        return response, self.log.phases(mark)
+
+
+@contextmanager
+def split_mounts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SplitMounts]:
+    """Start a server and a VM, with an earlier pair across two tmpfs mounts; clean up."""
+    from tests.e2e.conftest import GUEST
+    from tests.server import make_server
+
+    base = tmp_path_factory.mktemp("nospace")
+    state = base / "state"
+    state.mkdir()
+    (state / "guest").symlink_to(GUEST)
+    # The server's own first check would refuse a nearly full directory.
+    server = make_server(
+        state,
+        base / "gunicorn.log",
+        VMMGATE_SNAPSHOT_MIN_FREE_MIB="0",
+        VMMGATE_READY_TIMEOUT="60",
+    )
+    with (
+        server.running(),
+        tmpfs(state / "snapshots" / "cpu-fs", "size=64m,mode=0700") as cpu_dir,
+        tmpfs(state / "snapshots" / "mem-fs", "size=1g,mode=0700") as mem_dir,
+    ):
+        factory = VmFactory(server)
+        try:
+            vm = factory.create(boot_body(), wait_up=True)
+            cpu, memory = cpu_dir / "s.cpu", mem_dir / "s.mem"
+            assert snap(server, vm, cpu, memory, True).status == 200
+            log = PhaseLog(vm)
+            try:
+                yield SplitMounts(server, vm, cpu, memory, log)
+            finally:
+                log.close()
+        finally:
+            factory.stop_all()
+
+
+def _assert_failed_cleanly(
+    mounts: SplitMounts, response: Response, taken: int, before: object, old: object
+) -> None:
+    """507 for a full disk; the VM running, no snapshot counted; the files unchanged."""
+    assert_error(response, 507, "no space left on device")
+    status = vmm_status(mounts.vm)
+    assert status["state"] == "running", status
+    assert status["snapshots_taken"] == taken, status
+    wait_counting(mounts.vm)
+    dirs = (mounts.cpu.parent, mounts.memory.parent)
+    assert tuple(listing(d) for d in dirs) == before
+    assert (sha256(mounts.cpu), sha256(mounts.memory)) == old
+    verify_pair(mounts.cpu, mounts.memory)
+
+
+def test_no_space_inside_each_cpu_file_phase_is_507(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """ENOSPC while the device state is written, and at the header: 507, pair unchanged.
+
+    The CPU file and the memory file sit on two tmpfs mounts (a snapshot root
+    each), so the VMM's free-space check before the pause (made on the memory
+    file's directory) passes, and the CPU file's mount is sized from the earlier
+    snapshot's own device-state stream: half of its pages free fails inside the
+    ``device_state`` phase (no ``ram_copy`` marker follows); exactly its pages free
+    lets the stream through and fails the header write, the only write to the CPU
+    file after the ``ram_copy`` marker (the memory file's mount has room to spare,
+    and no ``fsync`` marker follows). Each time the VM runs on untouched and the
+    earlier pair is byte-identical.
+    """
+    from vmmgate.shared.snapfile import STREAM_OFFSET
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    with split_mounts(tmp_path_factory) as mounts:
+        old = (sha256(mounts.cpu), sha256(mounts.memory))
+        stream = verify_pair(mounts.cpu, mounts.memory).stream_length
+        stream_pages = -(-stream // page)
+        assert mounts.cpu.stat().st_size > STREAM_OFFSET
+        for free_pages, last_phase in (
+            (stream_pages // 2, "device_state"),
+            (stream_pages, "ram_copy"),
+        ):
+            _remount_free(mounts.cpu.parent, free_pages * page)
+            before = (listing(mounts.cpu.parent), listing(mounts.memory.parent))
+            taken = vmm_status(mounts.vm)["snapshots_taken"]
+            response, phases = mounts.attempt()
+            print(f"{free_pages} of {stream_pages} pages free: {phases}")
+            assert phases and phases[-1] == last_phase, phases
+            _assert_failed_cleanly(mounts, response, taken, before, old)
+
+
+def _stop_on_phase(log: PhaseLog, start: int, phase: str, pid: int) -> None:
+    """SIGSTOP ``pid`` as soon as the log shows ``phase`` after byte ``start`` (by pidfd)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        deadline = time.monotonic() + PHASE_TIMEOUT
+        while phase not in log.phases(start):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no 'snapshot phase: {phase}' in time")
+            time.sleep(0.0005)
+        signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+    finally:
+        os.close(pidfd)
+
+
+def _memfd(pid: int) -> int:
+    """Open the guest RAM memfd that the VMM ``pid`` holds (through /proc)."""
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("/memfd:vmmgate-ram"):
+            return os.open(fd, os.O_RDONLY | os.O_CLOEXEC)
+    raise AssertionError(f"no guest RAM memfd in /proc/{pid}/fd")
+
+
+def test_no_space_inside_the_ram_copy_and_at_the_trailer_is_507(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """ENOSPC inside the RAM copy, and at the trailer write: 507, pair unchanged.
+
+    The VMM checks the memory file's directory for the VM's RAM size before the
+    pause, so the mount is filled only once the write has begun: on the VMM's
+    ``device_state`` marker QEMU (which writes that phase) is SIGSTOPped, and
+    while it is stopped (the guest paused, its RAM frozen) the test copies the
+    guest's RAM memfd with the VMM's own sparse copy to a scratch mount, which
+    measures exactly what the ``ram_copy`` phase will write, then fills the
+    memory file's mount so that half of that is free (the copy fails midway), or
+    exactly that (the copy fits; the one-page trailer written after it does not).
+    QEMU is then let go. Either time: 507, the VM running, the earlier pair
+    byte-identical, and no ``fsync`` marker (the failure came before it). The
+    measure is exact: one page more and the trailer fits, the write fails only
+    at the recovery plan (one page, in the rename phase, also 507 and clean);
+    two pages more and the same write commits.
+    """
+    from tests.e2e.support import children
+    from vmmgate.vmm import ramcopy
+
+    with (
+        split_mounts(tmp_path_factory) as mounts,
+        tmpfs(mounts.server.state / "scratch-fs", "size=1g,mode=0700") as scratch,
+    ):
+        vm, mem_dir = mounts.vm, mounts.memory.parent
+        old = (sha256(mounts.cpu), sha256(mounts.memory))
+        qemu = children(vm.pid)
+        assert len(qemu) == 1, qemu
+        memory_size = vmm_status(vm)["memory_mib"] * MIB
+        # Pages free beyond the RAM copy's (None: half the copy), the last marker.
+        cases = ((None, "ram_copy"), (0, "ram_copy"), (1, "rename"), (2, "committed"))
+        for extra, last_phase in cases:
+            before = (listing(mounts.cpu.parent), listing(mem_dir))
+            taken = vmm_status(vm)["snapshots_taken"]
+            wait_counting(vm)
+            mark = mounts.log.size()
+            answer: list[Response] = []
+            request = threading.Thread(
+                target=lambda answer=answer: answer.append(
+                    snap(mounts.server, vm, mounts.cpu, mounts.memory, False)
+                )
+            )
+            request.start()
+            filler = mem_dir / "filler"
+            try:
+                _stop_on_phase(mounts.log, mark, "device_state", qemu[0])
+                try:
+                    assert "ram_copy" not in mounts.log.phases(mark)
+                    ram = _memfd(vm.pid)
+                    dry = os.open(scratch / "dry", os.O_RDWR | os.O_CREAT, 0o600)
+                    try:
+                        ramcopy.sparse_copy(ram, dry, memory_size)
+                        need = os.fstat(dry).st_blocks * 512
+                    finally:
+                        os.close(ram)
+                        os.close(dry)
+                        (scratch / "dry").unlink()
+                    page = os.sysconf("SC_PAGE_SIZE")
+                    keep = (
+                        need // 2 // page * page
+                        if extra is None
+                        else need + extra * page
+                    )
+                    stats = os.statvfs(mem_dir)
+                    free = stats.f_bavail * stats.f_frsize
+                    fill = os.open(filler, os.O_RDWR | os.O_CREAT, 0o600)
+                    try:
+                        os.posix_fallocate(fill, 0, free - keep)
+                    finally:
+                        os.close(fill)
+                    stats = os.statvfs(mem_dir)
+                    assert stats.f_bavail * stats.f_frsize == keep
+                finally:
+                    os.kill(qemu[0], signal.SIGCONT)
+            finally:
+                request.join(PHASE_TIMEOUT)
+                filler.unlink(missing_ok=True)
+            assert answer, "the snapshot request did not return"
+            phases = mounts.log.phases(mark)
+            print(f"{keep} of {need} bytes free: {phases}")
+            assert phases and phases[-1] == last_phase, phases
+            if last_phase != "committed":
+                _assert_failed_cleanly(mounts, answer[0], taken, before, old)
+        # The control: with two pages to spare the same write commits, a whole new pair.
+        assert answer[0].status == 200, answer[0].text
+        status = vmm_status(vm)
+        assert status["state"] == "paused" and status["snapshots_taken"] == taken + 1
+        assert (sha256(mounts.cpu), sha256(mounts.memory)) != old
+        verify_pair(mounts.cpu, mounts.memory)

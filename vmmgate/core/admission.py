@@ -4,8 +4,12 @@ They hold across gunicorn workers because they are checked in the registry file,
 inside SQLite write transactions (``BEGIN IMMEDIATE``): the count of live VMs and
 their memory is checked in the same transaction that inserts the new VM, and a
 snapshot holds a row in the ``snapshots`` table (one per VM, the VM id is its
-primary key) for as long as the VMM works on it. A row whose worker died is
-recognised by the worker's pid and start time and taken back.
+primary key) for as long as the VMM works on it. The same slot locks the
+snapshot's resolved target paths (rows in ``snapshot_targets``, the path is
+the primary key, tied to the slot by its token), so two snapshots never write
+the same file at once, whichever VMs and workers they come from. A slot whose
+worker died is recognised by the worker's pid and start time and taken back,
+its target locks with it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +40,12 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS snapshots (
     owner_pid    INTEGER NOT NULL,
     owner_start  INTEGER,
     started_at   REAL NOT NULL
+)"""
+
+_TARGETS_SCHEMA = """CREATE TABLE IF NOT EXISTS snapshot_targets (
+    path   TEXT PRIMARY KEY,
+    token  TEXT NOT NULL,
+    vm_id  TEXT NOT NULL
 )"""
 
 
@@ -81,18 +91,27 @@ class SnapshotSlots:
         """Create the table (idempotent)."""
         with self.registry.transaction() as db:
             db.execute(_SCHEMA)
+            db.execute(_TARGETS_SCHEMA)
 
     @contextmanager
-    def hold(self, vm_id: str) -> Iterator[None]:
-        """Hold the snapshot slot of ``vm_id`` for the duration of the block."""
-        token = self.acquire(vm_id)
+    def hold(
+        self, vm_id: str, targets: Sequence[tuple[Path, str]] = ()
+    ) -> Iterator[None]:
+        """Hold the slot of ``vm_id`` and lock ``targets`` for the duration of the block."""
+        token = self.acquire(vm_id, targets)
         try:
             yield
         finally:
             self.release(token)
 
-    def acquire(self, vm_id: str) -> str:
-        """Take the slot of ``vm_id``; raise SnapshotInProgress or LimitExceeded."""
+    def acquire(self, vm_id: str, targets: Sequence[tuple[Path, str]] = ()) -> str:
+        """Take the slot of ``vm_id`` and lock its target paths; return the slot's token.
+
+        ``targets`` are (resolved path, how the client named it) pairs; the name is
+        what a refusal shows, so it never reveals where a symlink led. Raise
+        SnapshotInProgress (409) if the VM or a target is busy, LimitExceeded (429)
+        over the total.
+        """
         token = uuid.uuid4().hex
         me = os.getpid()
         with self.registry.transaction() as db:
@@ -105,6 +124,7 @@ class SnapshotSlots:
                     f"A snapshot of VM {vm_id} is already in progress "
                     f"(for {time.time() - holder[0]:.1f} s); try again when it has finished."
                 )
+            self._check_targets(db, targets)
             (busy,) = db.execute("SELECT COUNT(*) FROM snapshots").fetchone()
             if busy >= self.limits.max_concurrent_snapshots:
                 raise LimitExceeded(
@@ -117,11 +137,34 @@ class SnapshotSlots:
                 "VALUES (?, ?, ?, ?, ?)",
                 (vm_id, token, me, procfs.start_time(me), time.time()),
             )
+            db.executemany(
+                "INSERT INTO snapshot_targets (path, token, vm_id) VALUES (?, ?, ?)",
+                [(str(path), token, vm_id) for path, _ in targets],
+            )
         return token
 
+    @staticmethod
+    def _check_targets(
+        db: sqlite3.Connection, targets: Sequence[tuple[Path, str]]
+    ) -> None:
+        """Refuse targets that a snapshot in progress is writing (of any VM, any worker)."""
+        for path, shown in targets:
+            holder = db.execute(
+                "SELECT t.vm_id, s.started_at FROM snapshot_targets t "
+                "JOIN snapshots s ON s.token = t.token WHERE t.path = ?",
+                (str(path),),
+            ).fetchone()
+            if holder is not None:
+                raise SnapshotInProgress(
+                    f"{shown} is being written by a snapshot of VM {holder[0]} "
+                    f"(for {time.time() - holder[1]:.1f} s); try again when it has "
+                    "finished. Nothing was written and the VM was not paused."
+                )
+
     def release(self, token: str) -> None:
-        """Give a slot back."""
+        """Give a slot back, and the locks on its target paths."""
         with self.registry.transaction() as db:
+            db.execute("DELETE FROM snapshot_targets WHERE token = ?", (token,))
             db.execute("DELETE FROM snapshots WHERE token = ?", (token,))
 
     def in_progress(self) -> list[str]:
@@ -130,15 +173,25 @@ class SnapshotSlots:
             self._drop_abandoned(db)
             return [row[0] for row in db.execute("SELECT vm_id FROM snapshots")]
 
+    def locked_targets(self) -> dict[str, str]:
+        """Return the target paths locked right now: resolved path -> VM id."""
+        with self.registry.transaction() as db:
+            self._drop_abandoned(db)
+            return dict(db.execute("SELECT path, vm_id FROM snapshot_targets"))
+
     @staticmethod
     def _drop_abandoned(db: sqlite3.Connection) -> None:
-        """Delete the slots of workers that died while holding them."""
+        """Delete the slots (and target locks) of workers that died holding them."""
         rows = db.execute(
             "SELECT token, owner_pid, owner_start FROM snapshots"
         ).fetchall()
         for token, pid, start in rows:
             if not is_same_process(pid, start):
                 db.execute("DELETE FROM snapshots WHERE token = ?", (token,))
+        # A lock is only as alive as its slot (this also drops any orphan row).
+        db.execute(
+            "DELETE FROM snapshot_targets WHERE token NOT IN (SELECT token FROM snapshots)"
+        )
 
 
 def check_free_space(directories: Iterable[Path], min_free_mib: int) -> None:

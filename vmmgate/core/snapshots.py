@@ -3,7 +3,8 @@
 Before the VMM is called: the two target paths (confined, distinct), enough
 free disk (a cheap first check; the VMM checks the VM's exact RAM size again
 before it pauses the VM), and a snapshot slot (one per VM,
-``VMMGATE_MAX_CONCURRENT_SNAPSHOTS`` in all, across workers). After a VMM died
+``VMMGATE_MAX_CONCURRENT_SNAPSHOTS`` in all, across workers) that also locks
+the two resolved target paths against every other snapshot. After a VMM died
 under the call: wait until it is really gone, record the VM as exited, and let
 the flavor clean up what it left at the targets (the previous pair or the
 complete new one, never a mix, and no temporary files). A snapshot taken is
@@ -102,9 +103,16 @@ class Snapshots:
         check_free_space(
             (cpu.parent, memory.parent), self.settings.limits.snapshot_min_free_mib
         )
-        targets = _Targets.of(cpu, memory)
         client = VmmClient.for_settings(record.port, self.settings)
-        with self.slots.hold(record.id):
+        locks = (
+            (cpu, f"cpu_snapshot_path {cpu_raw!r}"),
+            (memory, f"memory_snapshot_path {memory_raw!r}"),
+        )
+        # The resolved paths are locked until the VMM committed or failed (and the
+        # cleanup after a death is done), so no other snapshot mixes its files in.
+        with self.slots.hold(record.id, locks):
+            # Noted under the lock: no other snapshot can change the files meanwhile.
+            targets = _Targets.of(cpu, memory)
             try:
                 client.snapshot_and_pause(str(cpu), str(memory), resume)
             except (RpcUnreachable, RpcConnectionLost) as exc:
