@@ -22,6 +22,7 @@ from vmmgate.core.paths import PathPolicy
 from vmmgate.core.records import VmRecords
 from vmmgate.core.snapshots import SNAPSHOT_DONE, Snapshots
 from vmmgate.core.states import AFTER, Action, guard
+from vmmgate.core.sweeper import PeriodicSweeper, sweep_roots
 from vmmgate.core.vminfo import SnapshotTaken, vm_info, vmm_status
 from vmmgate.errors import RemoteConflict, RpcError
 from vmmgate.infra.config import Settings
@@ -79,6 +80,17 @@ class Vms:
             PathPolicy(settings.cwd, settings.kernel_roots, settings.snapshot_roots),
         )
         vms.snapshots.create()
+        # Pairs a dead VMM (or a power loss) left mid-commit, repaired before any
+        # request can restore them; then every SWEEP_INTERVAL s in one worker.
+        try:
+            sweep_roots(settings.snapshot_roots)
+        except OSError:
+            log.exception(
+                "the start-up snapshot sweep failed; the server starts anyway"
+            )
+        PeriodicSweeper(
+            settings.snapshot_roots, settings.state_dir / "sweeper.lock"
+        ).start()
         return vms
 
     # --- creating -------------------------------------------------------------

@@ -30,9 +30,22 @@ UNDO_PREVIOUS = "-prev-"
 UNDO_ABSENT = "-none-"
 
 
+def _kept(target: Path) -> str:
+    """Return the part of ``target``'s name that temporary names carry."""
+    return os.fsencode(target.name)[:_NAME_KEPT].decode("utf-8", "ignore")
+
+
+def writer_pid(name: str) -> int | None:
+    """Return the writer pid a temporary name carries, or None if it is not one."""
+    if not name.startswith(TEMP_PREFIX):
+        return None
+    head = name[len(TEMP_PREFIX) :].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
 def temp_name(target: Path) -> Path:
     """Return a fresh temporary name next to ``target``, tagged with our pid."""
-    kept = os.fsencode(target.name)[:_NAME_KEPT].decode("utf-8", "ignore")
+    kept = _kept(target)
     return target.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{kept}"
 
 
@@ -120,13 +133,15 @@ class Undo:
 
     A hard link when the file exists (its blocks stay allocated and its bytes
     untouched when a rename replaces the target), or an empty marker naming its
-    absence. ``roll_back`` puts the previous state back.
+    absence. ``roll_back`` puts the previous state back. The entry's name ends
+    with the target's (kept part of its) name, so that a writer replacing two
+    files of one directory leaves entries a recovery can tell apart.
     """
 
     def __init__(self, target: Path) -> None:
         self.target = Path(target)
         stem = f"{TEMP_PREFIX}{os.getpid()}"
-        token = secrets.token_hex(6)
+        token = f"{secrets.token_hex(6)}-{_kept(self.target)}"
         self.entry = self.target.parent / f"{stem}{UNDO_PREVIOUS}{token}"
         try:
             os.link(self.target, self.entry, follow_symlinks=False)
@@ -152,7 +167,8 @@ class Undo:
 def roll_back(entry: Path, target: Path) -> None:
     """Restore ``target`` from an Undo ``entry`` (even one left by a dead writer)."""
     if UNDO_PREVIOUS in entry.name:
-        os.replace(entry, target)
+        if not _same_file(entry, target):
+            os.replace(entry, target)
         # Two names of one file: rename() does nothing, the entry is left to remove.
         entry.unlink(missing_ok=True)
     else:
@@ -161,14 +177,35 @@ def roll_back(entry: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
-def undo_entries(directory: Path, pid: int) -> list[Path]:
-    """Return the Undo entries a writer with ``pid`` left in ``directory``, oldest first."""
+def _same_file(one: Path, other: Path) -> bool:
+    """Tell whether two names are links to one file (the target was never replaced)."""
+    try:
+        a, b = os.lstat(one), os.lstat(other)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def undo_entries(directory: Path, pid: int, target: Path | None = None) -> list[Path]:
+    """Return the Undo entries a writer with ``pid`` left in ``directory``, oldest first.
+
+    With ``target``, only the entries for that target (or of an older writer
+    whose entry names did not say).
+    """
     found = [
         path
         for tag in (UNDO_PREVIOUS, UNDO_ABSENT)
         for path in Path(directory).glob(f"{TEMP_PREFIX}{pid}{tag}*")
     ]
+    if target is not None:
+        found = [path for path in found if _entry_is_for(path, pid, Path(target))]
     return sorted(found, key=lambda path: path.lstat().st_ctime_ns)
+
+
+def _entry_is_for(entry: Path, pid: int, target: Path) -> bool:
+    """Tell whether an Undo ``entry`` names ``target`` (or names no target at all)."""
+    rest = entry.name[len(f"{TEMP_PREFIX}{pid}") + len(UNDO_PREVIOUS) :]
+    return len(rest) == 12 or rest[12:] == f"-{_kept(target)}"
 
 
 def remove_leftovers_of(directory: Path, pid: int) -> list[Path]:

@@ -9,6 +9,7 @@ only once complete and synced (vmmgate.shared.atomic).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -18,12 +19,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from vmmgate.shared import recovery
 from vmmgate.shared.atomic import AtomicFile, Undo, fsync_dir
+from vmmgate.shared.errors import SnapshotFileError
 from vmmgate.shared.snapfile import (
     STREAM_OFFSET,
     CpuHeader,
+    check_memory_file,
     cpu_header_block,
     memory_trailer_block,
+    read_cpu_header,
 )
 from vmmgate.vmm import ramcopy
 from vmmgate.vmm.errors import InvalidRequest, SnapshotIOError
@@ -63,6 +68,38 @@ def _stream_sha256(fd: int, length: int) -> str:
     return digest.hexdigest()
 
 
+#: Directories this process has swept already (once each, at its first snapshot there).
+_swept: set[Path] = set()
+
+
+def sweep_once(*directories: Path) -> None:
+    """Repair what dead writers left in ``directories``, once per directory.
+
+    Runs at a VMM's first snapshot into a directory (before the VM is paused),
+    so that a VMM driven without a server repairs an interrupted pair too,
+    and a restore's start-up does no extra work.
+    """
+    todo = [d for d in dict.fromkeys(directories) if d not in _swept]
+    if not todo:
+        return
+    try:
+        report = recovery.sweep(todo)
+    except OSError as exc:
+        # Not this snapshot's business to fail on: the next first snapshot retries.
+        log.error("sweep of %s failed: %s", ", ".join(map(str, todo)), exc)
+        return
+    _swept.update(todo)
+    for cpu_path, memory_path, rolled_back in report.repaired:
+        log.warning(
+            "sweep: interrupted snapshot at %s + %s: %s",
+            cpu_path,
+            memory_path,
+            "previous pair restored" if rolled_back else "new pair kept",
+        )
+    if report.removed:
+        log.info("sweep: removed %d leftovers of dead writers", len(report.removed))
+
+
 def check_targets(cpu_path: Path, memory_path: Path, need_bytes: int) -> None:
     """Refuse targets that cannot work before the VM is paused."""
     if cpu_path == memory_path:
@@ -79,6 +116,7 @@ def check_targets(cpu_path: Path, memory_path: Path, need_bytes: int) -> None:
     for path in (cpu_path, memory_path):
         if path.exists() and not path.is_file():
             raise InvalidRequest(f"{str(path)!r} exists and is not a regular file")
+    sweep_once(cpu_path.parent.absolute(), memory_path.parent.absolute())
     stats = os.statvfs(memory_path.parent)
     free = stats.f_bavail * stats.f_frsize
     if free < need_bytes:
@@ -110,6 +148,65 @@ def _phase(name: str) -> None:
     log.info("snapshot phase: %s", name)
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``; a short write is an error (a full disk)."""
+    written = os.pwrite(fd, data, offset)
+    if written != len(data):
+        raise OSError(
+            errno.ENOSPC,
+            f"short write: {written} of {len(data)} bytes at offset {offset}",
+        )
+
+
+def _verify(cpu_fd: int, mem_fd: int, snapshot_id: str) -> None:
+    """Read the new pair back from its descriptors: header checksum, trailer id."""
+    try:
+        header = read_cpu_header(cpu_fd, "the CPU snapshot file just written")
+        if header.snapshot_id != snapshot_id:
+            raise SnapshotFileError("the CPU snapshot file just written has another id")
+        check_memory_file(mem_fd, header, "the memory snapshot file just written")
+    except SnapshotFileError as exc:
+        raise SnapshotIOError(f"the snapshot did not read back whole: {exc}") from None
+
+
+class _Absent:
+    """A target that did not exist: rolling back removes what was renamed there.
+
+    Stands for an ``atomic.Undo`` marker without creating one (the plan records
+    the memory file's absence for a recovery), so a first snapshot needs no
+    more files than the pair, the plan and nothing else.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def roll_back(self) -> None:
+        """Remove the file renamed to the target, if any."""
+        self.target.unlink(missing_ok=True)
+        fsync_dir(self.target.parent)
+
+    def discard(self) -> None:
+        """Nothing to forget."""
+
+
+def _previous(target: Path) -> Undo | _Absent:
+    """Keep what ``target`` holds now, for a roll-back."""
+    return Undo(target) if os.path.lexists(target) else _Absent(target)
+
+
+def _roll_back(undos: list[Undo | _Absent]) -> list[Undo | _Absent]:
+    """Put the previous files back as far as possible; return the Undos that failed."""
+    failed = []
+    for undo in reversed(undos):
+        try:
+            undo.roll_back()
+        except OSError as exc:
+            # Its entry (and the plan) stay: a sweep after this process ends retries.
+            log.error("cannot put %s back: %s", undo.target, exc)
+            failed.append(undo)
+    return failed
+
+
 def _fsync_dirs(*paths: Path) -> None:
     """Make the renames of ``paths`` durable (each directory once)."""
     for directory in dict.fromkeys(path.parent for path in paths):
@@ -138,7 +235,7 @@ def write_snapshot(
             written = ramcopy.sparse_copy(machine.ram_fd, mem_file.fd, memory_size)
             phases["ram_copy"] = time.perf_counter() - started - sum(phases.values())
             os.ftruncate(mem_file.fd, memory_size)
-            os.pwrite(
+            _pwrite_all(
                 mem_file.fd, memory_trailer_block(snapshot_id, memory_size), memory_size
             )
             header = CpuHeader(
@@ -149,7 +246,7 @@ def write_snapshot(
                 stream_sha256=_stream_sha256(cpu_file.fd, stream_length),
                 **describe,
             )
-            os.pwrite(cpu_file.fd, cpu_header_block(header), 0)
+            _pwrite_all(cpu_file.fd, cpu_header_block(header), 0)
             # Both files durable before either is renamed, and the renames back to
             # back (directories synced after), so a kill leaves the old pair or the
             # new one, except in the instant between the two renames. The files being
@@ -159,27 +256,42 @@ def write_snapshot(
             _phase("fsync")
             os.fsync(mem_file.fd)
             os.fsync(cpu_file.fd)
+            # What a restore will check, checked before anything is replaced.
+            _verify(cpu_file.fd, mem_file.fd, snapshot_id)
             phases["fsync"] = time.perf_counter() - started - sum(phases.values())
             _phase("rename")
             replaced = [_hold(memory_path), _hold(cpu_path)]
-            # Until both renames are done the previous memory file keeps a second
-            # name: a kill between them (new RAM beside the old CPU file) is undone
-            # by whoever cleans up after this process (vmmgate.shared.recovery).
-            undo = Undo(memory_path)
+            # Until both renames and the directory fsyncs are done, the previous files
+            # keep a second name and a plan names the pair: a kill between the renames
+            # (new RAM beside the old CPU file) is undone by whoever cleans up after
+            # this process (vmmgate.shared.recovery: the server, or a later sweep).
+            plan = recovery.write_plan(
+                cpu_path, memory_path, memory_absent=not os.path.lexists(memory_path)
+            )
+            undos: list[Undo | _Absent] = []
+            kept: list[Undo | _Absent] = []
             try:
+                undos.append(_previous(memory_path))
+                undos.append(_previous(cpu_path))
                 # Memory first: a crash between the renames leaves a pair that is refused
                 # as mismatched, never a CPU file that points at the wrong RAM silently.
                 mem_file.commit(sync_dir=False)
                 cpu_file.commit(sync_dir=False)
+                _fsync_dirs(cpu_path, memory_path)
             except BaseException:
-                undo.roll_back()
+                # Also when a directory fsync fails: the error says "not written",
+                # so the previous pair goes back and no name of ours is left.
+                kept = _roll_back(undos)
                 raise
             finally:
                 for fd in replaced:
                     if fd is not None:
                         os.close(fd)
-            _fsync_dirs(cpu_path, memory_path)
-            undo.discard()
+                for undo in undos:
+                    if undo not in kept:
+                        undo.discard()
+                if not kept:
+                    plan.unlink(missing_ok=True)
             phases["rename"] = time.perf_counter() - started - sum(phases.values())
             _phase("committed")
     except OSError as exc:
