@@ -1,4 +1,8 @@
-"""gunicorn settings: the bind address from Rocket.toml, the rest from VMMGATE_*."""
+"""gunicorn settings: the bind address from Rocket.toml, the rest from VMMGATE_*.
+
+``-b`` and ``GUNICORN_CMD_ARGS`` override the bind address (gunicorn's own
+precedence); what is logged, and warned about, is what was really bound.
+"""
 
 import ctypes
 import logging
@@ -6,7 +10,7 @@ import sys
 
 from vmmgate.infra.rocket import server_settings
 from vmmgate.web import gunicorn_hooks
-from vmmgate.web.auth import exposure_warning
+from vmmgate.web.auth import bound_addresses, exposure_warnings
 from vmmgate.web.errors import install_gunicorn_errors
 
 _server = server_settings()
@@ -53,13 +57,21 @@ def on_starting(server):
         )
     # Metrics shared by all workers; exit statuses of the VMMs adopted above.
     gunicorn_hooks.on_starting(server)
+
+
+def when_ready(server):
+    """Say where the server really listens; warn once per exposed address without a token.
+
+    Here, not in on_starting: only now are the listeners bound, from whichever
+    of -b, GUNICORN_CMD_ARGS or this file won.
+    """
+    addresses = ", ".join(b.gunicorn_bind for b in bound_addresses(server.LISTENERS))
     server.log.info(
         "vmmgate listening on %s (%d workers x %d threads)%s",
-        _server.bind.gunicorn_bind,
-        workers,
-        threads,
+        addresses or ", ".join(str(listener) for listener in server.LISTENERS),
+        server.cfg.workers,
+        server.cfg.threads,
         "; bearer token required" if _server.token_required else "",
     )
-    warning = exposure_warning(_server.bind, _server.token_required)
-    if warning:
+    for warning in exposure_warnings(server.LISTENERS, _server.token_required):
         server.log.warning(warning)

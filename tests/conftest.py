@@ -22,6 +22,10 @@ from vmmgate.web.extensions import get_service
 FAKE_VMM = Path(__file__).with_name("fakevmm.py")
 
 
+#: The variables the fake VMM reads (passed on through VMMGATE_VMM_ENV).
+FAKE_VMM_ENV = "FAKE_VMM_MODE,FAKE_VMM_EVENTS"
+
+
 @pytest.fixture
 def state(tmp_path: Path) -> Path:
     """Return a fresh state directory."""
@@ -64,6 +68,8 @@ def make_app(
             "VMMGATE_READY_TIMEOUT": 10,
             "VMMGATE_STOP_TIMEOUT": 2,
             "VMMGATE_RPC_TIMEOUT": 5,
+            # A VMM gets a minimal environment: let the fake see its knobs.
+            "VMMGATE_VMM_ENV": FAKE_VMM_ENV,
         }
         settings.update(overrides)
         app = create_app(settings)

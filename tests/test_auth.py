@@ -11,6 +11,7 @@ import importlib.util
 import json
 import logging
 import re
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -258,39 +259,52 @@ def _gunicorn_conf(monkeypatch: pytest.MonkeyPatch, **env: str) -> ModuleType:
 
 
 @pytest.mark.parametrize(
-    ("env", "loud"),
+    ("env", "hosts", "loud"),
     [
-        ({"ROCKET_ADDRESS": "0.0.0.0"}, True),
-        ({"ROCKET_ADDRESS": "0.0.0.0", "VMMGATE_TOKEN": TOKEN}, False),
-        ({"ROCKET_ADDRESS": "127.0.0.1"}, False),
+        ({"ROCKET_ADDRESS": "127.0.0.1"}, ["0.0.0.0"], ["0.0.0.0"]),
+        ({"ROCKET_ADDRESS": "0.0.0.0"}, ["127.0.0.1"], []),
+        ({"ROCKET_ADDRESS": "0.0.0.0", "VMMGATE_TOKEN": TOKEN}, ["0.0.0.0"], []),
+        ({"ROCKET_ADDRESS": "127.0.0.1"}, ["127.0.0.1", "0.0.0.0"], ["0.0.0.0"]),
     ],
-    ids=["exposed", "exposed-with-token", "loopback"],
+    ids=["bound-exposed", "bound-loopback", "exposed-with-token", "one-of-two"],
 )
-def test_gunicorn_warns_at_start(
+def test_gunicorn_warns_for_what_it_bound(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     env: dict[str, str],
-    loud: bool,
+    hosts: list[str],
+    loud: list[str],
     state: Path,
 ) -> None:
-    """gunicorn's on_starting hook logs the warning (nothing is bound here)."""
+    """The when_ready hook warns once per listener really bound beyond loopback
+    without a token, whatever Rocket.toml/ROCKET_ADDRESS said (tests/test_exposure.py
+    does it through gunicorn's -b and GUNICORN_CMD_ARGS)."""
     monkeypatch.delenv("VMMGATE_TOKEN", raising=False)
     monkeypatch.delenv("VMMGATE_TOKEN_FILE", raising=False)
     module = _gunicorn_conf(
         monkeypatch, ROCKET_PORT="8010", VMMGATE_STATE_DIR=str(state), **env
     )
-    logger = logging.getLogger("test.gunicorn")
-    server = type("Arbiter", (), {"log": logger})()
-    root = logging.getLogger()
-    handlers = list(root.handlers)
+    listeners = []
     try:
+        for host in hosts:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listeners.append(sock)
+            sock.bind((host, 0))  # a real address, never connected to
+        server = SimpleNamespace(
+            log=logging.getLogger("test.gunicorn"),
+            LISTENERS=listeners,
+            cfg=SimpleNamespace(workers=2, threads=4),
+        )
         with caplog.at_level(logging.INFO, logger="test.gunicorn"):
-            module.on_starting(server)
+            module.when_ready(server)
+        ports = {sock.getsockname()[0]: sock.getsockname()[1] for sock in listeners}
     finally:
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert bool(warnings) == loud, caplog.text
-    if loud:
-        assert "0.0.0.0:8010 WITHOUT a token" in warnings[0].getMessage()
+        for sock in listeners:
+            sock.close()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == len(loud), caplog.text
+    for host, warning in zip(loud, warnings):
+        assert f"{host}:{ports[host]} WITHOUT a token" in warning
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    listed = ", ".join(f"{host}:{ports[host]}" for host in hosts)
+    assert f"vmmgate listening on {listed} (2 workers x 4 threads)" in info[0]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAKE_VMM
+from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
 from tests.fakevmm import FAKE_SSH_PORT
 from tests.server import Server, free_port, make_server
 from tests.snapfiles import make_pair
@@ -67,6 +67,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VMMGATE_TOKEN=TOKEN,
         VMMGATE_MAX_VMS=str(MAX_VMS),
         FAKE_VMM_MODE="ok",
+        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
     )
     with srv.running():
         yield srv

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import FAKE_VMM
+from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
 from tests.server import Server, make_server, wait_for
 from vmmgate.infra import procfs, rpc
 from vmmgate.infra.procfs import is_same_process
@@ -29,6 +29,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
         VMMGATE_KERNEL_ROOTS=str(base),
         FAKE_VMM_MODE="ok",
+        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
     )
     with srv.running():
         yield srv

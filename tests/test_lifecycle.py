@@ -554,15 +554,25 @@ def test_healthz(client: FlaskClient) -> None:
     assert all(c["ok"] for c in body["checks"])
 
 
+HEALTH_TOKEN = "healthz-token-0123456789abcdef"
+
+
 def test_healthz_failing_is_503_naming_the_check(
     make_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch, state: Path
 ) -> None:
-    """No QEMU, an unwritable state dir: 503 in the error shape, naming what failed."""
-    client = make_app().test_client()
+    """No QEMU, an unwritable state dir: 503 in the error shape, naming what failed
+    (the detail only with the token: tests/test_disclosure.py)."""
+    client = make_app(VMMGATE_TOKEN=HEALTH_TOKEN).test_client()
     monkeypatch.setenv("VMMGATE_QEMU", "/nonexistent/qemu")
     state.chmod(0o500)
     try:
-        error = assert_error(client.get("/healthz"), 503, "qemu", "not executable")
+        assert_error(client.get("/healthz"), 503, "qemu: failing")
+        error = assert_error(
+            client.get("/healthz", headers={"Authorization": f"Bearer {HEALTH_TOKEN}"}),
+            503,
+            "qemu",
+            "not executable",
+        )
         if os.geteuid() != 0:  # root writes anywhere
             assert "state_dir" in error["description"]
     finally:

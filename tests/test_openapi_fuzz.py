@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import schemathesis
 
-from tests.conftest import FAKE_VMM
+from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
 from tests.server import Server, make_server
 from vmmgate.infra.registry import Registry
 from vmmgate.model import VmKind, VmRecord, VmState
@@ -93,6 +93,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VMMGATE_KERNEL_ROOTS=str(empty),
         VMMGATE_SNAPSHOT_ROOTS=str(empty),
         FAKE_VMM_MODE="die",
+        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
     )
     with srv.running():
         yield srv

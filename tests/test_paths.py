@@ -58,6 +58,28 @@ def test_final_symlink_out_of_root_is_refused(policy: PathPolicy, tree: Path) ->
         policy.snapshot_target("link", "cpu_snapshot_path")
 
 
+def test_refusal_never_tells_where_a_symlink_points(
+    policy: PathPolicy, tree: Path
+) -> None:
+    """Outside a root through a link, or into a missing directory: the error shows the
+    client's own spelling, never the link's target."""
+    (tree / "work" / "link").symlink_to(tree / "outside" / "secret")
+    (tree / "work" / "door").symlink_to(tree / "outside" / "hidden-dir")
+    (tree / "work" / "inner").symlink_to(tree / "work" / "snaps" / "missing-dir")
+    (tree / "work" / "dangling").symlink_to(tree / "work" / "snaps" / "missing-dir")
+    for call in (
+        lambda: policy.kernel("dangling"),
+        lambda: policy.kernel("link"),
+        lambda: policy.snapshot_target("door/new", "cpu_snapshot_path"),
+        lambda: policy.snapshot_target("inner/new", "cpu_snapshot_path"),
+    ):
+        with pytest.raises(PathRefused) as info:
+            call()
+        message = str(info.value)
+        assert "secret" not in message and "hidden-dir" not in message, message
+        assert "missing-dir" not in message, message
+
+
 def test_intermediate_symlink_out_of_root_is_refused(
     policy: PathPolicy, tree: Path
 ) -> None:
@@ -93,6 +115,29 @@ def test_control_characters_and_empty(policy: PathPolicy, raw: str) -> None:
     """NUL, newline and other control characters are refused outright."""
     with pytest.raises(PathRefused):
         policy.kernel(raw)
+
+
+@pytest.mark.parametrize("char", ["\x80", "\x85", "\x9b", "\x9f"])
+def test_c1_control_characters_are_refused(
+    policy: PathPolicy, tree: Path, char: str
+) -> None:
+    """C1 controls (U+0080..U+009F: NEL, CSI...) are refused, even naming a real file."""
+    name = f"vm{char}linuz"
+    (tree / "work" / name).write_bytes(b"kernel")  # exists: only the character is wrong
+    with pytest.raises(PathRefused, match="control character"):
+        policy.kernel(name)
+    with pytest.raises(PathRefused, match="control character"):
+        policy.snapshot_target(f"snaps/{name}", "cpu_snapshot_path")
+
+
+@pytest.mark.parametrize("char", ["\xa0", "\xe9"])
+def test_printable_non_ascii_is_accepted(
+    policy: PathPolicy, tree: Path, char: str
+) -> None:
+    """Just past C1 (U+00A0), accented letters: accepted, so the check is not too wide."""
+    name = f"vm{char}linuz"
+    (tree / "work" / name).write_bytes(b"kernel")
+    assert policy.kernel(name) == tree / "work" / name
 
 
 @pytest.mark.parametrize("raw", ["a" * 5000, "a" * 256, "x/" * 2100, "\ud800"])

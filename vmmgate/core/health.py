@@ -45,6 +45,17 @@ class Health:
         """Describe the failed checks in one line."""
         return "; ".join(f"{c.name}: {c.detail}" for c in self.checks if not c.ok)
 
+    def redacted(self) -> Health:
+        """Return the same checks with each detail only ``ok`` or ``failing``.
+
+        What an unauthenticated caller sees: the details name absolute paths,
+        the program run and the free disk space, which are not for anyone who
+        can reach the port.
+        """
+        return Health(
+            [Check(c.name, c.ok, "ok" if c.ok else "failing") for c in self.checks]
+        )
+
 
 def check_vmm_command(settings: Settings) -> Check:
     """The configured VMM program can be executed."""

@@ -20,7 +20,7 @@ import random
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from vmmgate.core.admission import vm_admission
 from vmmgate.core.flavors import Flavor, LaunchSpec
@@ -28,7 +28,7 @@ from vmmgate.core.records import VmRecords
 from vmmgate.core.rundir import RunDir, check_state_dir, registry_error
 from vmmgate.core.vmm_handle import VmmHandle, port_is_free
 from vmmgate.errors import LimitExceeded, NoFreePort, VmmStartError
-from vmmgate.infra.config import Settings
+from vmmgate.infra.config import TOKEN_KEYS, Settings
 from vmmgate.infra.registry import PortTaken, Registry, new_vm_id
 from vmmgate.infra.rpc import HOST
 from vmmgate.model import VmRecord, VmState
@@ -255,12 +255,45 @@ class Launcher:
         return record
 
 
-def spawn_env(settings: Settings) -> dict[str, str]:
-    """Return a VMM's environment: ours, plus where the state and the package are."""
-    env = dict(os.environ)
+#: What a VMM (and the QEMU it starts) inherits of the server's environment:
+#: where programs and the package are, the locale, the home and temporary
+#: directories, and the VMM's own VMMGATE_* knobs. Nothing else: in particular
+#: never the bearer token, which any local user could otherwise read in
+#: ``/proc/<pid>/environ`` of a VMM or QEMU (docs/http-api.md, "VMM environment").
+SPAWN_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "PYTHONPATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "TMPDIR",
+        "TZ",
+        "LANG",
+        "LANGUAGE",
+        "VMMGATE_ACCEL",
+        "VMMGATE_QEMU",
+        "VMMGATE_INITRD",
+    }
+)
+
+
+def spawn_env(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Return a VMM's minimal environment: the allowed names of ours, plus where
+    the state and the package are (never VMMGATE_TOKEN or VMMGATE_TOKEN_FILE)."""
+    environ = os.environ if environ is None else environ
+    wanted = SPAWN_ENV_NAMES | set(settings.vmm_env)
+    env = {
+        key: value
+        for key, value in environ.items()
+        if (key in wanted or key.startswith("LC_")) and key not in TOKEN_KEYS
+    }
     env["VMMGATE_STATE_DIR"] = str(settings.state_dir)
     # The bundled VMM caps its console log segments by this (vmmgate.vmm.console).
     env["VMMGATE_CONSOLE_MAX_BYTES"] = str(settings.console_max_bytes)
+    env.setdefault("PATH", os.defpath)
     root = str(state.PROJECT_ROOT)
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = root if not path else f"{root}{os.pathsep}{path}"

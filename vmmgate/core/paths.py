@@ -37,7 +37,7 @@ class PathPolicy:
         if "," in str(path):
             # The VMM reads "--kernel path=K,starter_file=F": a comma makes it ambiguous.
             raise PathRefused(
-                f"{field} {raw!r} resolves to {str(path)!r}, which contains a comma; "
+                f"{field} {raw!r} names a file whose real path contains a comma; "
                 "the VMM command line uses ',' as a separator, so rename the file."
             )
         return path
@@ -71,13 +71,11 @@ class PathPolicy:
         parent = path.parent
         if not parent.is_dir():
             raise PathRefused(
-                f"{field} {raw!r}: the directory {str(parent)!r} does not exist; "
-                "create it first."
+                f"{field} {raw!r}: its directory does not exist; create it first."
             )
         if not os.access(parent, os.W_OK | os.X_OK):
             raise PathRefused(
-                f"{field} {raw!r}: the directory {str(parent)!r} is not writable "
-                "by the server."
+                f"{field} {raw!r}: its directory is not writable by the server."
             )
         return path
 
@@ -106,19 +104,31 @@ class PathPolicy:
         if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
             shown = ", ".join(str(root) for root in roots)
             raise PathRefused(
-                f"{field} {raw!r} resolves to {str(resolved)!r}, which is outside the allowed "
-                f"{kind} roots ({shown}); relative paths are taken from the server's working "
+                # Never the resolved path: through a symlink it would tell
+                # where the link points.
+                f"{field} {raw!r} is outside the allowed {kind} roots ({shown}), "
+                "symlinks and '..' followed; relative paths are taken from the server's working "
                 f"directory ({self.cwd}). Add a root with {setting} "
                 f"(directories separated by {os.pathsep!r})."
             )
         return resolved
 
 
+def _is_control(ch: str) -> bool:
+    """Tell whether ``ch`` is a control character: C0, DEL or C1 (U+0080..U+009F).
+
+    C1 matters too: U+0085 is a line break to many log readers and terminals,
+    and U+009B starts a terminal escape sequence, as ESC [ does.
+    """
+    code = ord(ch)
+    return code < 0x20 or 0x7F <= code <= 0x9F
+
+
 def _check_text(raw: str, field: str) -> None:
     """Refuse empty, over-long, control-character or non-encodable paths."""
     if not raw:
         raise PathRefused(f"{field} must not be empty.")
-    bad = next((ch for ch in raw if ord(ch) < 0x20 or ord(ch) == 0x7F), None)
+    bad = next((ch for ch in raw if _is_control(ch)), None)
     if bad is not None:
         raise PathRefused(
             f"{field} contains the control character {bad!r}; "
@@ -145,9 +155,7 @@ def _require_readable_file(path: Path, field: str, raw: str) -> None:
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError as exc:
-        raise PathRefused(
-            f"{field} {raw!r} does not exist (resolved to {str(path)!r})."
-        ) from exc
+        raise PathRefused(f"{field} {raw!r} does not exist.") from exc
     except OSError as exc:
         raise PathRefused(
             f"{field} {raw!r} cannot be inspected: {exc.strerror}."

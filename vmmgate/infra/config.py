@@ -60,6 +60,7 @@ SETTING_KEYS = (
     "VMMGATE_MAX_BODY_BYTES",
     "VMMGATE_CONSOLE_MAX_BYTES",
     "VMMGATE_RPC_PORTS",
+    "VMMGATE_VMM_ENV",
     *LIMIT_KEYS,
     *TOKEN_KEYS,
 )
@@ -159,6 +160,9 @@ class Settings:
     #: The RPC ports VMMs may get, inclusive (VMMGATE_RPC_PORTS), or None: any free port.
     rpc_ports: tuple[int, int] | None = None
     limits: Limits = field(default_factory=Limits)
+    #: Extra environment variables a VMM inherits (VMMGATE_VMM_ENV), beyond the
+    #: fixed minimal set (vmmgate.core.launcher.SPAWN_ENV_NAMES).
+    vmm_env: tuple[str, ...] = ()
     #: The bearer token every request must carry (vmmgate.web.auth), or None.
     token: str | None = field(default=None, repr=False)
 
@@ -200,6 +204,33 @@ class _Command(fields.Field):
         if not words or not all(isinstance(w, str) and w for w in words):
             raise ValidationError("Expected a non-empty command line.")
         return words
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _EnvNames(fields.Field):
+    """Environment variable names, comma-separated; never a token setting."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> tuple[str, ...]:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(
+            isinstance(i, str) for i in items
+        ):
+            raise ValidationError("Expected variable names separated by ','.")
+        names = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
+        bad = [name for name in names if not _ENV_NAME.fullmatch(name)]
+        if bad:
+            raise ValidationError(f"Not variable names: {', '.join(bad)}.")
+        secret = [name for name in names if name in TOKEN_KEYS]
+        if secret:
+            raise ValidationError(
+                f"{', '.join(secret)} is never passed to a VMM: the bearer token "
+                "stays in the server."
+            )
+        return names
 
 
 class _PortRange(fields.Field):
@@ -276,6 +307,7 @@ class SettingsSchema(Schema):
     rpc_ports = _PortRange(
         data_key="VMMGATE_RPC_PORTS", allow_none=True, load_default=None
     )
+    vmm_env = _EnvNames(data_key="VMMGATE_VMM_ENV", load_default=())
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -315,6 +347,7 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         cwd=cwd,
         console_max_bytes=data["console_max_bytes"],
         rpc_ports=data["rpc_ports"],
+        vmm_env=data["vmm_env"],
         limits=load_limits(mapping),
         token=load_token(mapping, cwd),
     )

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from vmmgate.errors import Unauthorized
 
@@ -47,8 +48,19 @@ def check_authorization(header: str | None, token: str) -> None:
         )
 
 
+def carries_token(header: str | None, token: str | None) -> bool:
+    """Tell whether ``header`` carries the configured token (False when none is set)."""
+    if token is None:
+        return False
+    try:
+        check_authorization(header, token)
+    except Unauthorized:
+        return False
+    return True
+
+
 def exposure_warning(bind: BindAddress, token_set: bool) -> str | None:
-    """Return a loud warning if the server listens beyond loopback without a token."""
+    """Return a loud warning if the server listens on ``bind`` beyond loopback without a token."""
     if token_set or bind.is_loopback:
         return None
     line = "!" * 78
@@ -57,10 +69,36 @@ def exposure_warning(bind: BindAddress, token_set: bool) -> str | None:
         f"!! vmmgate listens on {bind.gunicorn_bind} WITHOUT a token.\n"
         "!! Anyone who can reach this address can start VMs and write snapshot files\n"
         "!! under the configured roots. Set VMMGATE_TOKEN (or VMMGATE_TOKEN_FILE) to\n"
-        "!! require 'Authorization: Bearer <token>', or listen on 127.0.0.1\n"
-        "!! (ROCKET_ADDRESS or Rocket.toml's address).\n"
+        "!! require 'Authorization: Bearer <token>', or listen on 127.0.0.1 only\n"
+        "!! (gunicorn's -b, GUNICORN_CMD_ARGS, or Rocket.toml's address).\n"
         f"{line}"
     )
+
+
+def bound_addresses(listeners: Iterable[Any]) -> list[BindAddress]:
+    """Return the TCP addresses the given listening sockets really have, in order.
+
+    ``listeners`` are gunicorn's (``arbiter.LISTENERS``: whatever ``-b``,
+    ``GUNICORN_CMD_ARGS`` or the config file said) or plain sockets. A Unix
+    socket has no network address (its file's permissions decide who reaches
+    it) and is left out; duplicates are given once.
+    """
+    from vmmgate.infra.rocket import BindAddress
+
+    found: dict[BindAddress, None] = {}
+    for listener in listeners:
+        name = listener.getsockname()
+        if isinstance(name, tuple) and len(name) >= 2:
+            found.setdefault(BindAddress(str(name[0]), int(name[1])), None)
+    return list(found)
+
+
+def exposure_warnings(listeners: Iterable[Any], token_set: bool) -> list[str]:
+    """Return one warning per address actually bound beyond loopback, with no token."""
+    warnings = (
+        exposure_warning(bind, token_set) for bind in bound_addresses(listeners)
+    )
+    return [warning for warning in warnings if warning]
 
 
 def public_paths(app: Flask) -> frozenset[str]:

@@ -19,8 +19,9 @@ from typing import Any
 
 from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, current_app, jsonify, request
 from marshmallow import Schema
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from vmmgate.web import metrics, schemas, vm_schemas
 
@@ -134,7 +135,7 @@ class Declarations:
                 if body is not None:
                     # The original accepted `curl -d` bodies (form Content-Type):
                     # never trust the header.
-                    raw = request.get_data(cache=False)
+                    raw = read_body()
                     kwargs["body"] = schemas.load(body, schemas.parse_json(raw))
                 if query is not None:
                     kwargs["query"] = vm_schemas.load_query(query, request.args)
@@ -153,6 +154,36 @@ class Declarations:
             return declared
 
         return decorate
+
+
+def _too_large(limit: int) -> RequestEntityTooLarge:
+    """Return the 413 for a body over ``limit`` bytes, naming the setting."""
+    return RequestEntityTooLarge(
+        f"The request body is larger than VMMGATE_MAX_BODY_BYTES ({limit} bytes)."
+    )
+
+
+def read_body() -> bytes:
+    """Return the whole request body, or raise a 413 if it is over the limit.
+
+    Never a truncated body: for a chunked body (no Content-Length) Werkzeug
+    stops reading at ``MAX_CONTENT_LENGTH`` and returns what it has, without
+    an error, so a valid JSON prefix would be processed. Here one byte more
+    than the limit is read from the server's (de-chunked, terminated) input,
+    and a body that has it is refused.
+    """
+    limit = current_app.config.get("MAX_CONTENT_LENGTH")
+    if limit is None:  # no limit configured (an app built without init_settings)
+        return request.get_data(cache=False)
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    if length is None and request.environ.get("wsgi.input_terminated"):
+        raw = request.environ["wsgi.input"].read(limit + 1)
+        if len(raw) > limit:
+            raise _too_large(limit)
+        return raw
+    return request.get_data(cache=False)
 
 
 def declaration(app: Flask, endpoint: str | None) -> Operation | None:

@@ -209,14 +209,51 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: The deepest nesting of arrays and objects a request body may have. No
+#: request needs more than 3; Python's parser would otherwise recurse until
+#: RecursionError (a 500) at about a thousand.
+MAX_JSON_DEPTH = 64
+#: A JSON string (escapes included; an unterminated one runs to the end, so the
+#: scan never backtracks: linear time), or one bracket.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+
+
+def json_depth(text: str) -> int:
+    """Return the deepest nesting of ``[``/``{`` in ``text`` (brackets in strings
+    ignored), or a number past MAX_JSON_DEPTH as soon as the scan passes it."""
+    opening = text.count("[") + text.count("{")
+    if opening <= MAX_JSON_DEPTH:
+        return opening  # an upper bound: cheap, and enough to accept
+    depth = deepest = 0
+    for match in _JSON_TOKEN.finditer(text):
+        token = match.group()
+        if token in ("[", "{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break  # refused anyway: no need to read on
+        elif token in ("]", "}"):
+            depth -= 1
+    return deepest
+
+
 def parse_json(raw: bytes) -> object:
     """Parse a request body as JSON whatever its Content-Type; raise MalformedBody."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedBody(
             f"The request body is not UTF-8: {exc.reason} at byte {exc.start}."
         ) from exc
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise MalformedBody(
+            f"The request body nests arrays and objects deeper than {MAX_JSON_DEPTH} "
+            "levels."
+        )
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError as exc:  # not reached past the depth check; never a 500
+        raise MalformedBody("The request body nests too deeply.") from exc
     except ValueError as exc:
         detail = str(exc) if raw.strip() else "the request body is empty"
         raise MalformedBody(f"The request body is not valid JSON: {detail}.") from exc

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import html
+import logging
 from pathlib import Path
 
-from flask import Blueprint, Response, abort, current_app, send_from_directory
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    request,
+    send_from_directory,
+)
 from werkzeug.exceptions import ServiceUnavailable
 
 from vmmgate.web import metrics, openapi
-from vmmgate.web.extensions import get_service
+from vmmgate.web.auth import carries_token
+from vmmgate.web.extensions import get_service, get_settings
 from vmmgate.web.openapi import TEXT, Declarations
 from vmmgate.web.vm_schemas import HEALTH
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("ops", __name__)
 declare = Declarations("operations")
@@ -99,15 +110,26 @@ def plain_docs_page() -> str:
 @declare(
     "Health: QEMU found, state directory writable, registry readable",
     description="503 (error body naming the failed checks) when one fails. "
-    "Needs no token.",
+    "Needs no token; each check's detail (paths, free space) only with the "
+    "configured token, else just ok or failing.",
     response=HEALTH,
     errors=(503,),
     public=True,
     operation_id="health",
 )
 def healthz() -> object:
-    """Answer 200 with every check when healthy, else 503 naming the failed checks."""
+    """Answer 200 with every check when healthy, else 503 naming the failed checks.
+
+    The details go only to a caller with the configured token; with no token
+    configured, to nobody (the server cannot tell its operator from anyone
+    else who reaches the port), and a failure's detail is logged instead.
+    """
     report = get_service(current_app).health()
+    token = get_settings(current_app).token
+    if not carries_token(request.headers.get("Authorization"), token):
+        if not report.ok:
+            log.warning("health check failing: %s", report.failures())
+        report = report.redacted()
     if not report.ok:
         raise ServiceUnavailable("Unhealthy: " + report.failures())
     return {"status": report.status, "checks": report.checks}
