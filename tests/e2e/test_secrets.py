@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import GUEST, boot_body
+from tests.e2e.conftest import boot_body, guest_server
 from tests.e2e.support import VmFactory, children, vmm_status
-from tests.server import Server, cmdline, make_server
+from tests.server import Server, cmdline
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +29,9 @@ PASSED = "passed-on-to-the-vmm"
 @pytest.fixture(scope="module")
 def tokened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn with VMMGATE_TOKEN, an unrelated secret and one extra passed name."""
-    base = tmp_path_factory.mktemp("secrets")
-    state = base / "state"
-    state.mkdir()
-    (state / "guest").symlink_to(GUEST)
-    server = make_server(
-        state,
-        base / "gunicorn.log",
+    server = guest_server(
+        tmp_path_factory.mktemp("secrets"),
         VMMGATE_TOKEN=TOKEN,
-        VMMGATE_READY_TIMEOUT="60",
         VMMGATE_VMM_ENV="VMMGATE_E2E_PASSED",
         VMMGATE_E2E_PASSED=PASSED,
         SERVICE_API_KEY=OTHER_SECRET,
