@@ -19,6 +19,7 @@ lint: setup
 bench: setup  ## print the benchmark tables (see README)
 	$(PY) benchmarks/vmm_bench.py
 	$(PY) benchmarks/http_bench.py
+	$(PY) benchmarks/rpc_bench.py
 
 setup: system-packages $(VENV)/.installed guest bytecode
 
