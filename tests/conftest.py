@@ -13,6 +13,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.server import Server, make_server
 from vmmgate.infra.config import SETTING_KEYS
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.infra.registry import Registry
@@ -24,6 +25,23 @@ FAKE_VMM = Path(__file__).with_name("fakevmm.py")
 
 #: The variables the fake VMM reads (passed on through VMMGATE_VMM_ENV).
 FAKE_VMM_ENV = "FAKE_VMM_MODE,FAKE_VMM_EVENTS"
+
+
+def fake_vmm_server(base: Path, **env: str) -> Server:
+    """Prepare (not start) a gunicorn on ``base``/state whose VMM is the fake one.
+
+    ``base`` also holds a kernel file (``vmlinuz``) and is the kernel root;
+    ``env`` adds or overrides settings (``FAKE_VMM_MODE`` is "ok" unless given).
+    """
+    (base / "vmlinuz").write_bytes(b"fake kernel")
+    settings = {
+        "VMMGATE_VMM_COMMAND": f"{sys.executable} {FAKE_VMM}",
+        "VMMGATE_KERNEL_ROOTS": str(base),
+        "VMMGATE_VMM_ENV": FAKE_VMM_ENV,
+        "FAKE_VMM_MODE": "ok",
+        **env,
+    }
+    return make_server(base / "state", base / "gunicorn.log", **settings)
 
 
 @pytest.fixture

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
-from tests.server import Response, Server, make_server
+from tests.conftest import fake_vmm_server
+from tests.server import Response, Server
 from vmmgate.web.schemas import MAX_JSON_DEPTH, json_depth
 
 LIMIT = 1024
@@ -26,16 +25,8 @@ LIMIT = 1024
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn (2 workers), the fake VMM, bodies of at most LIMIT bytes."""
-    base = tmp_path_factory.mktemp("bodies")
-    (base / "vmlinuz").write_bytes(b"fake kernel")
-    srv = make_server(
-        base / "state",
-        base / "gunicorn.log",
-        VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
-        VMMGATE_KERNEL_ROOTS=str(base),
-        VMMGATE_MAX_BODY_BYTES=str(LIMIT),
-        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
-        FAKE_VMM_MODE="ok",
+    srv = fake_vmm_server(
+        tmp_path_factory.mktemp("bodies"), VMMGATE_MAX_BODY_BYTES=str(LIMIT)
     )
     with srv.running():
         yield srv

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
+from tests.conftest import fake_vmm_server
 from tests.fakevmm import FAKE_SSH_PORT
-from tests.server import Server, free_port, make_server
+from tests.server import Server, free_port
 from tests.snapfiles import make_pair
 from vmmgate.client import (
     ApiError,
@@ -57,17 +57,11 @@ MAX_VMS = 3
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn (2 workers) with the fake VMM, a token and a low VM limit."""
     base = tmp_path_factory.mktemp("client")
-    (base / "vmlinuz").write_bytes(b"fake kernel")
-    srv = make_server(
-        base / "state",
-        base / "gunicorn.log",
-        VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
-        VMMGATE_KERNEL_ROOTS=str(base),
+    srv = fake_vmm_server(
+        base,
         VMMGATE_SNAPSHOT_ROOTS=str(base),
         VMMGATE_TOKEN=TOKEN,
         VMMGATE_MAX_VMS=str(MAX_VMS),
-        FAKE_VMM_MODE="ok",
-        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
     )
     with srv.running():
         yield srv

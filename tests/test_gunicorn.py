@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import socket
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
-from tests.server import Server, make_server, wait_for
+from tests.conftest import fake_vmm_server
+from tests.server import Server, wait_for
 from vmmgate.infra import procfs, rpc
 from vmmgate.infra.procfs import is_same_process
 
@@ -21,16 +20,7 @@ from vmmgate.infra.procfs import is_same_process
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn (2 workers) with the fake VMM and a temporary state dir."""
-    base = tmp_path_factory.mktemp("gunicorn")
-    (base / "vmlinuz").write_bytes(b"fake kernel")
-    srv = make_server(
-        base / "state",
-        base / "gunicorn.log",
-        VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
-        VMMGATE_KERNEL_ROOTS=str(base),
-        FAKE_VMM_MODE="ok",
-        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
-    )
+    srv = fake_vmm_server(tmp_path_factory.mktemp("gunicorn"))
     with srv.running():
         yield srv
 

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import schemathesis
 
-from tests.conftest import FAKE_VMM, FAKE_VMM_ENV
-from tests.server import Server, make_server
+from tests.conftest import fake_vmm_server
+from tests.server import Server
 from vmmgate.infra.registry import Registry
 from vmmgate.model import VmKind, VmRecord, VmState
 
@@ -86,14 +86,11 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     registry = Registry(state / "registry.sqlite3")
     registry.create()
     _seed(registry, state / "vms")
-    srv = make_server(
-        state,
-        base / "gunicorn.log",
-        VMMGATE_VMM_COMMAND=f"{sys.executable} {FAKE_VMM}",
+    srv = fake_vmm_server(
+        base,
         VMMGATE_KERNEL_ROOTS=str(empty),
         VMMGATE_SNAPSHOT_ROOTS=str(empty),
         FAKE_VMM_MODE="die",
-        VMMGATE_VMM_ENV=FAKE_VMM_ENV,
     )
     with srv.running():
         yield srv
