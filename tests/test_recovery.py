@@ -301,14 +301,29 @@ def fake_device_state(_machine: object, fd: int) -> int:
     return len(b"device state")
 
 
+def assert_snapshot_fails_cleanly(
+    pairs: tuple[Path, Path, dict[str, str], Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    match: str,
+) -> None:
+    """write_snapshot over the pair fails with ``match``; the old pair and no temporaries stay."""
+    cpu, mem, old, *_ = pairs
+    machine = StubMachine(16)
+    monkeypatch.setattr(snapshot, "save_device_state", fake_device_state)
+    try:
+        with pytest.raises(SnapshotIOError, match=match):
+            snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
+    finally:
+        os.close(machine.ram_fd)
+    assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
+    assert temps(cpu.parent) == []
+
+
 def test_write_snapshot_refuses_a_short_write(
     pairs: tuple[Path, Path, dict[str, str], Path, Path],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A pwrite that writes less than asked (a full disk) fails the snapshot."""
-    cpu, mem, old, *_ = pairs
-    machine = StubMachine(16)
-    monkeypatch.setattr(snapshot, "save_device_state", fake_device_state)
     real = os.pwrite
 
     def short(fd: int, data: bytes, offset: int) -> int:
@@ -317,11 +332,7 @@ def test_write_snapshot_refuses_a_short_write(
         return real(fd, data, offset)
 
     monkeypatch.setattr(os, "pwrite", short)
-    with pytest.raises(SnapshotIOError, match="short write"):
-        snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
-    assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
-    assert temps(cpu.parent) == []
-    os.close(machine.ram_fd)
+    assert_snapshot_fails_cleanly(pairs, monkeypatch, "short write")
 
 
 def test_write_snapshot_verifies_the_pair_before_committing(
@@ -329,9 +340,6 @@ def test_write_snapshot_verifies_the_pair_before_committing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Device state that changes after its checksum (bad media) is never committed."""
-    cpu, mem, old, *_ = pairs
-    machine = StubMachine(16)
-    monkeypatch.setattr(snapshot, "save_device_state", fake_device_state)
     real_fsync = os.fsync
 
     def corrupting_fsync(fd: int) -> None:
@@ -340,11 +348,7 @@ def test_write_snapshot_verifies_the_pair_before_committing(
             os.pwrite(fd, b"DEVICE", snapshot.STREAM_OFFSET)  # what reads back differs
 
     monkeypatch.setattr(os, "fsync", corrupting_fsync)
-    with pytest.raises(SnapshotIOError, match="did not read back whole"):
-        snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
-    assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
-    assert temps(cpu.parent) == []
-    os.close(machine.ram_fd)
+    assert_snapshot_fails_cleanly(pairs, monkeypatch, "did not read back whole")
 
 
 def test_write_snapshot_rolls_back_when_the_directory_fsync_fails(
@@ -352,9 +356,6 @@ def test_write_snapshot_rolls_back_when_the_directory_fsync_fails(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Both renames done, then the directory fsync fails: old pair back, no names left."""
-    cpu, mem, old, *_ = pairs
-    machine = StubMachine(16)
-    monkeypatch.setattr(snapshot, "save_device_state", fake_device_state)
     calls = []
 
     def failing(directory: Path) -> None:
@@ -365,11 +366,7 @@ def test_write_snapshot_rolls_back_when_the_directory_fsync_fails(
 
     real_fsync_dir = atomic.fsync_dir
     monkeypatch.setattr(snapshot, "fsync_dir", failing)
-    with pytest.raises(SnapshotIOError, match="Input/output error"):
-        snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
-    assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
-    assert temps(cpu.parent) == []
-    os.close(machine.ram_fd)
+    assert_snapshot_fails_cleanly(pairs, monkeypatch, "Input/output error")
 
 
 def test_a_vmms_first_snapshot_into_a_directory_sweeps_it(
