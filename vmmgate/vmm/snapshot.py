@@ -260,7 +260,6 @@ def write_snapshot(
             _verify(cpu_file.fd, mem_file.fd, snapshot_id)
             phases["fsync"] = time.perf_counter() - started - sum(phases.values())
             _phase("rename")
-            replaced = [_hold(memory_path), _hold(cpu_path)]
             # Until both renames and the directory fsyncs are done, the previous files
             # keep a second name and a plan names the pair: a kill between the renames
             # (new RAM beside the old CPU file) is undone by whoever cleans up after
@@ -268,6 +267,9 @@ def write_snapshot(
             plan = recovery.write_plan(
                 cpu_path, memory_path, memory_absent=not os.path.lexists(memory_path)
             )
+            # Held only once the plan is written: a plan that fails (ENOSPC) then
+            # leaves no descriptor open in this long-lived process.
+            replaced = [_hold(memory_path), _hold(cpu_path)]
             undos: list[Undo | _Absent] = []
             kept: list[Undo | _Absent] = []
             try:
