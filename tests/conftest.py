@@ -88,6 +88,10 @@ def make_app(
             "VMMGATE_RPC_TIMEOUT": 5,
             # A VMM gets a minimal environment: let the fake see its knobs.
             "VMMGATE_VMM_ENV": FAKE_VMM_ENV,
+            # The working directory holds the kernel and the snapshots; the
+            # defaults (the guest dir, <state>/snapshots) have tests of their own.
+            "VMMGATE_KERNEL_ROOTS": str(work),
+            "VMMGATE_SNAPSHOT_ROOTS": str(work),
         }
         settings.update(overrides)
         app = create_app(settings)

@@ -126,14 +126,15 @@ def test_invalid_rocket_settings_are_refused(
 
 
 def test_settings_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With nothing set: the bundled VMM, roots = cwd and state dir, 256 MiB, 1 vCPU."""
+    """With nothing set: the bundled VMM, the guest dir and <state>/snapshots, 256 MiB."""
     monkeypatch.delenv("VMMGATE_STATE_DIR", raising=False)
     settings = config.load_settings({}, cwd=tmp_path)
     assert settings.vmm_command == (sys.executable, "-m", "vmmgate.vmm")
     assert settings.vmm_flavor == "bundled"
     assert settings.state_dir == config.state.PROJECT_ROOT / "var"
-    assert settings.kernel_roots == (tmp_path.resolve(), settings.state_dir)
-    assert settings.snapshot_roots == settings.kernel_roots
+    # Neither the working directory nor the state directory itself.
+    assert settings.kernel_roots == (settings.state_dir / "guest",)
+    assert settings.snapshot_roots == (settings.state_dir / "snapshots",)
     assert (settings.default_memory_mib, settings.default_vcpus) == (256, 1)
     assert settings.max_body_bytes == 1 << 20
     assert settings.registry_path == settings.state_dir / "registry.sqlite3"
@@ -157,11 +158,13 @@ def test_settings_from_environment_strings(tmp_path: Path) -> None:
     assert settings.vmm_command == ("/opt/vmm/bin/vmm-reference", "--verbose")
     assert settings.vmm_flavor == "original"
     assert (settings.ready_timeout, settings.rpc_timeout) == (12.5, 7.0)
+    # The guest dir first, then the configured ones.
     assert settings.kernel_roots == (
+        settings.state_dir / "guest",
         Path("/srv/kernels"),
         tmp_path.resolve() / "images",
     )
-    assert settings.snapshot_roots == (tmp_path.resolve(), settings.state_dir)
+    assert settings.snapshot_roots == (settings.state_dir / "snapshots",)
     assert (settings.default_memory_mib, settings.default_vcpus) == (512, 2)
 
 

@@ -110,8 +110,8 @@ def test_killed_worker_leaves_its_vms_snapshotable(server: Server) -> None:
     # The master is a child subreaper: it adopted the orphaned VMM.
     assert procfs.parent_of(record.pid) == server.pid
     body = {
-        "cpu_snapshot_path": str(server.state / "c"),
-        "memory_snapshot_path": str(server.state / "m"),
+        "cpu_snapshot_path": str(server.state / "snapshots" / "c"),
+        "memory_snapshot_path": str(server.state / "snapshots" / "m"),
         "rpc_port": answer["port"],
         "resume": True,
     }

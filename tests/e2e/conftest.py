@@ -48,11 +48,14 @@ def guest_server(base: Path, **env: str) -> Server:
     """Prepare (not start) a gunicorn on a state dir of its own under ``base``.
 
     The VMM finds its default initramfs in <state>/guest: the built guest is shared.
+    Kernels other than the demo guest's go in ``base``/kernels, a kernel root.
     """
     require_guest()
     state = base / "state"
     state.mkdir()
     (state / "guest").symlink_to(GUEST)
+    (base / "kernels").mkdir()
+    env.setdefault("VMMGATE_KERNEL_ROOTS", str(base / "kernels"))
     env.setdefault("VMMGATE_READY_TIMEOUT", "60")
     return make_server(state, base / "gunicorn.log", **env)
 

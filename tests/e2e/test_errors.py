@@ -200,7 +200,10 @@ def test_snapshot_into_a_missing_directory(
     """A snapshot target whose directory does not exist: 422, the VM keeps running."""
     vm = vms(boot_body(KERNEL))
     body = snapshot_body(
-        vm.port, server.state / "no" / "c", server.state / "no" / "m", False
+        vm.port,
+        server.state / "snapshots" / "no" / "c",
+        server.state / "snapshots" / "no" / "m",
+        False,
     )
     assert_error(server.post("/snapshot", body), 422, "does not exist")
     assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
@@ -208,7 +211,7 @@ def test_snapshot_into_a_missing_directory(
 
 def test_vmm_failing_at_start_is_500_with_its_log(server: Server) -> None:
     """A file that is no kernel: QEMU fails, the VMM exits; 500 with its log; nothing left running."""
-    bogus = server.state / "not-a-kernel"
+    bogus = server.state.parent / "kernels" / "not-a-kernel"
     bogus.write_bytes(os.urandom(64 * 1024))
     vms_dir = server.state / "vms"
     processes = len(processes_under(vms_dir))

@@ -118,3 +118,26 @@ def test_boot_with_config_runs_the_start_up_script(
     )
     assert "vmmgate-guest: starter begin" in text
     assert "vmmgate-guest: starter end rc=0" in text, text
+
+
+def test_relative_snapshot_paths_use_the_first_root(
+    server: Server, vms: Callable[..., Vm]
+) -> None:
+    """A backend that sends ``"cpu.txt"`` keeps working: the pair lands in the first
+    snapshot root (by default <state>/snapshots), and restores from the same names."""
+    home = server.state / "snapshots"
+    name = f"relative-{server.port}"
+    vm = vms(boot_body())
+    vm.wait_counter_above(1)
+    response = server.post(
+        "/snapshot",
+        snapshot_body(vm.port, f"{name}.cpu", f"{name}/../{name}.mem", resume=False),
+    )
+    assert response.status == 200, response.text
+    last = last_counter(vm)
+    assert (home / f"{name}.cpu").is_file() and (home / f"{name}.mem").is_file()
+    restored = vms(restore_body(f"{name}.cpu", f"{name}.mem"))
+    # A line cut by the pause may be finished by the restored guest: +1 or +2.
+    assert_restore_continues(restored, last + 1, last + 2)
+    for suffix in ("cpu", "mem"):
+        (home / f"{name}.{suffix}").unlink()

@@ -100,6 +100,8 @@ class Setting:
     outside: Path
     canary: Canary
     factory: VmFactory
+    #: Where the hostile kernels are (a kernel root, outside the state dir).
+    kerneldir: Path
 
 
 @pytest.fixture(scope="module")
@@ -120,18 +122,20 @@ def setting(
     )  # back before mtime
     canary.stat = Canary.now(canary.path)
     snapdir = fresh_dir(server.state / "snapshots", "hostile-")
+    kerneldir = fresh_dir(server.state.parent / "kernels", "hostile-")
     (snapdir / "fifo").parent.mkdir(exist_ok=True)
     os.mkfifo(snapdir / "fifo")
+    os.mkfifo(kerneldir / "fifo")
     (snapdir / "to-canary").symlink_to(canary.path)
     (snapdir / "dangling.cpu").symlink_to(outside / "created-through-symlink.cpu")
     (snapdir / "outdir").symlink_to(outside)
-    shutil.copy(GUEST / "vmlinuz", snapdir / "comma,kernel")
+    shutil.copy(GUEST / "vmlinuz", kerneldir / "comma,kernel")
     factory = VmFactory(server)
     vm = factory.create(boot_body(), wait_up=True)
     # A valid pair: the hostile restore cases pair one hostile path with one of these.
     ok = snapshot_body(vm.port, snapdir / "ok.cpu", snapdir / "ok.mem", True)
     assert post(server, "/snapshot", ok).status == 200
-    yield Setting(server, vm, snapdir, outside, canary, factory)
+    yield Setting(server, vm, snapdir, outside, canary, factory, kerneldir)
     factory.stop_all()
     canary.assert_untouched()
     assert hashlib.sha256(canary.path.read_bytes()).hexdigest() == canary.digest
@@ -185,9 +189,9 @@ CASES: dict[str, Case] = {
     "kernel-canary": ("boot", "kernel", lambda s: str(s.canary.path), 422, OUTSIDE),
     "kernel-dotdot": ("boot", "kernel", lambda s: _rel(s.canary.path), 422, OUTSIDE),
     "kernel-symlink": ("boot", "kernel", lambda s: str(s.snapdir / "to-canary"), 422, OUTSIDE),
-    "kernel-fifo": ("boot", "kernel", lambda s: str(s.snapdir / "fifo"), 422, ("not a regular file",)),
-    "kernel-comma": ("boot", "kernel", lambda s: str(s.snapdir / "comma,kernel"), 422, ("comma",)),
-    "kernel-dash": ("boot", "kernel", lambda s: "-kernel", 422, ("does not exist",)),
+    "kernel-fifo": ("boot", "kernel", lambda s: str(s.kerneldir / "fifo"), 422, ("not a regular file",)),
+    "kernel-comma": ("boot", "kernel", lambda s: str(s.kerneldir / "comma,kernel"), 422, ("comma",)),
+    "kernel-dash": ("boot", "kernel", lambda s: str(s.kerneldir / "-kernel"), 422, ("does not exist",)),
     "kernel-nul": ("boot", "kernel", lambda s: "var/guest/vmlinuz\x00", 422, ("control character",)),
     "kernel-5000-bytes": ("boot", "kernel", lambda s: "k" * 5000, 422, ("limit is 4095",)),
 }  # fmt: skip
@@ -250,12 +254,13 @@ def test_shell_and_option_characters_are_taken_literally(setting: Setting) -> No
         assert not (Path(restored.record.vm_dir) / PWNED).exists()
         s.server.stop_vm(restored.record)
     # A kernel whose name is full of shell characters boots as that file.
-    kernel = s.snapdir / f"k;$(touch {PWNED}) `id` -x.bin"
+    kernel = s.kerneldir / f"k;$(touch {PWNED}) `id` -x.bin"
     shutil.copy(GUEST / "vmlinuz", kernel)
     booted = s.factory.create(boot_body(str(kernel)))
     assert vmm_status(booted)["origin"]["kernel"] == str(kernel)
     for directory in (
         s.snapdir,
+        s.kerneldir,
         PROJECT_ROOT,
         s.server.state,
         Path(booted.record.vm_dir),

@@ -1,19 +1,25 @@
-"""Client-supplied paths: resolved against the working directory, confined to roots.
+"""Client-supplied paths: made absolute, confined to roots, kept off the server's files.
 
-A path is made absolute against the server's working directory, then resolved
-with ``realpath`` so that neither ``..`` nor a symlink (final or intermediate)
-can lead out of a root; the *resolved* path is what the VMM is given.
+A relative snapshot path is taken from the first snapshot root, a relative
+kernel path from the server's working directory (as the original did). The
+path is then resolved with ``realpath`` so that neither ``..`` nor a symlink
+(final or intermediate) can lead out of a root; the *resolved* path is what
+the VMM is given. Whatever the roots, nothing inside the state directory or
+the code trees is reachable, but the snapshot home and the demo guest.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmmgate.errors import PathRefused
+
+if TYPE_CHECKING:
+    from vmmgate.infra.config import Settings
 
 #: Linux PATH_MAX counts the terminating NUL; NAME_MAX bounds one component.
 MAX_PATH_BYTES = 4095
@@ -27,12 +33,28 @@ class PathPolicy:
     cwd: Path
     kernel_roots: tuple[Path, ...]
     snapshot_roots: tuple[Path, ...]
+    #: Trees no path may reach (the state dir, the code trees), whatever the roots...
+    protected: tuple[Path, ...] = ()
+    #: ...but for kernels, the demo guest's directory,
+    guest_dir: Path | None = None
+    #: and for snapshots, the dedicated snapshot directory inside the state dir.
+    snapshot_home: Path | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> PathPolicy:
+        """Return the policy the settings describe."""
+        return cls(
+            settings.cwd,
+            settings.kernel_roots,
+            settings.snapshot_roots,
+            settings.protected_trees,
+            settings.guest_dir,
+            settings.snapshot_home,
+        )
 
     def kernel(self, raw: str, field: str = "kernel_path") -> Path:
         """Resolve a kernel image: a readable regular file under a kernel root."""
-        path = self._confine(
-            raw, field, self.kernel_roots, "kernel", "VMMGATE_KERNEL_ROOTS"
-        )
+        path = self._confine(raw, field, "kernel")
         _require_readable_file(path, field, raw)
         if "," in str(path):
             # The VMM reads "--kernel path=K,starter_file=F": a comma makes it ambiguous.
@@ -44,17 +66,13 @@ class PathPolicy:
 
     def snapshot_source(self, raw: str, field: str) -> Path:
         """Resolve a snapshot file to restore from: a readable regular file under a root."""
-        path = self._confine(
-            raw, field, self.snapshot_roots, "snapshot", "VMMGATE_SNAPSHOT_ROOTS"
-        )
+        path = self._confine(raw, field, "snapshot")
         _require_readable_file(path, field, raw)
         return path
 
     def snapshot_target(self, raw: str, field: str) -> Path:
         """Resolve a snapshot file to write: its directory exists, is writable, under a root."""
-        path = self._confine(
-            raw, field, self.snapshot_roots, "snapshot", "VMMGATE_SNAPSHOT_ROOTS"
-        )
+        path = self._confine(raw, field, "snapshot")
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
@@ -95,23 +113,48 @@ class PathPolicy:
             )
         return cpu, memory
 
-    def _confine(
-        self, raw: str, field: str, roots: Sequence[Path], kind: str, setting: str
-    ) -> Path:
-        """Check the text of ``raw``, resolve it and require it under one of ``roots``."""
+    def _confine(self, raw: str, field: str, kind: str) -> Path:
+        """Check the text of ``raw``, resolve it and require it under a ``kind`` root."""
         _check_text(raw, field)
-        resolved = Path(os.path.realpath(os.path.join(self.cwd, raw)))
-        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        if kind == "kernel":
+            roots, setting, base, allowed = (
+                self.kernel_roots, "VMMGATE_KERNEL_ROOTS", self.cwd, self.guest_dir
+            )  # fmt: skip
+            relative_to = f"the server's working directory ({self.cwd})"
+        else:
+            roots, setting, base, allowed = (
+                self.snapshot_roots, "VMMGATE_SNAPSHOT_ROOTS", self.snapshot_roots[0],
+                self.snapshot_home,
+            )  # fmt: skip
+            relative_to = f"the first snapshot root ({base})"
+        resolved = Path(os.path.realpath(os.path.join(base, raw)))
+        if not any(_within(resolved, root) for root in roots):
             shown = ", ".join(str(root) for root in roots)
             raise PathRefused(
                 # Never the resolved path: through a symlink it would tell
                 # where the link points.
                 f"{field} {raw!r} is outside the allowed {kind} roots ({shown}), "
-                "symlinks and '..' followed; relative paths are taken from the server's working "
-                f"directory ({self.cwd}). Add a root with {setting} "
-                f"(directories separated by {os.pathsep!r})."
+                f"symlinks and '..' followed; relative paths are taken from {relative_to}. "
+                f"Add a root with {setting} (directories separated by {os.pathsep!r})."
+            )
+        tree = next((t for t in self.protected if _within(resolved, t)), None)
+        if tree is not None and not (allowed and _within(resolved, allowed)):
+            raise PathRefused(
+                f"{field} {raw!r} leads into the server's own state or code ({tree}), "
+                "symlinks and '..' followed; no client path may reach it, whatever the "
+                f"roots. Use a directory outside it{_home_hint(kind, allowed)}."
             )
         return resolved
+
+
+def _within(path: Path, tree: Path) -> bool:
+    """Tell whether ``path`` is ``tree`` or inside it."""
+    return path == tree or path.is_relative_to(tree)
+
+
+def _home_hint(kind: str, allowed: Path | None) -> str:
+    """Name the one place inside the protected trees that is open to ``kind``."""
+    return f", or {allowed}" if allowed and kind == "snapshot" else ""
 
 
 def _is_control(ch: str) -> bool:

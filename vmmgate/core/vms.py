@@ -73,11 +73,14 @@ class Vms:
         registry = Registry(settings.registry_path)
         registry.create()
         settings.vms_dir.mkdir(parents=True, exist_ok=True)
+        if settings.snapshot_home in settings.snapshot_roots:
+            # The default root: a client's relative "cpu.snap" lands here.
+            settings.snapshot_home.mkdir(mode=0o700, exist_ok=True)
         vms = cls(
             settings,
             registry,
             flavor,
-            PathPolicy(settings.cwd, settings.kernel_roots, settings.snapshot_roots),
+            PathPolicy.for_settings(settings),
         )
         vms.snapshots.create()
         # Pairs a dead VMM (or a power loss) left mid-commit, repaired before any

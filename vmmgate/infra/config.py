@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from vmmgate.errors import ConfigError, flatten_messages
+from vmmgate.infra import setting_fields
 from vmmgate.shared import consolelog, state
 
 #: The VMMGATE_VMM_FLAVOR values (each names a strategy in vmmgate.core.flavors).
@@ -37,7 +37,7 @@ LIMIT_KEYS = (
     "VMMGATE_SNAPSHOT_MIN_FREE_MIB",
 )
 #: The bearer token settings (documented in docs/http-api.md).
-TOKEN_KEYS = ("VMMGATE_TOKEN", "VMMGATE_TOKEN_FILE")
+TOKEN_KEYS = setting_fields.TOKEN_KEYS
 MIN_TOKEN_LENGTH = 16
 MAX_TOKEN_LENGTH = 4096
 #: RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
@@ -172,90 +172,27 @@ class Settings:
         return self.state_dir / "registry.sqlite3"
 
     @property
+    def guest_dir(self) -> Path:
+        """Return the demo guest's directory (always a kernel root), symlinks resolved."""
+        return Path(os.path.realpath(self.state_dir / "guest"))
+
+    @property
+    def snapshot_home(self) -> Path:
+        """Return the dedicated snapshot directory: the default root, inside the state dir."""
+        return Path(os.path.realpath(self.state_dir / "snapshots"))
+
+    @property
+    def protected_trees(self) -> tuple[Path, ...]:
+        """Return the trees no client path may reach: the state dir and the code trees.
+
+        Two carve-outs: the snapshot home (for snapshots) and the guest dir (kernels).
+        """
+        return (self.state_dir, *state.code_trees())
+
+    @property
     def vms_dir(self) -> Path:
         """Return the directory holding one run directory per VM."""
         return self.state_dir / "vms"
-
-
-class _PathList(fields.Field):
-    """A list of directories: a list, or a string split on os.pathsep."""
-
-    def _deserialize(
-        self, value: Any, attr: str | None, data: Any, **kwargs: Any
-    ) -> list[str]:
-        items = value.split(os.pathsep) if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(
-            isinstance(i, (str, Path)) for i in items
-        ):
-            raise ValidationError(f"Expected directories separated by {os.pathsep!r}.")
-        return [str(i) for i in items if str(i)]
-
-
-class _Command(fields.Field):
-    """A command line: a list of words, or a string split like a shell would."""
-
-    def _deserialize(
-        self, value: Any, attr: str | None, data: Any, **kwargs: Any
-    ) -> list[str]:
-        try:
-            words = shlex.split(value) if isinstance(value, str) else list(value)
-        except (ValueError, TypeError) as exc:
-            raise ValidationError(f"Not a command line: {exc}.") from exc
-        if not words or not all(isinstance(w, str) and w for w in words):
-            raise ValidationError("Expected a non-empty command line.")
-        return words
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class _EnvNames(fields.Field):
-    """Environment variable names, comma-separated; never a token setting."""
-
-    def _deserialize(
-        self, value: Any, attr: str | None, data: Any, **kwargs: Any
-    ) -> tuple[str, ...]:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(
-            isinstance(i, str) for i in items
-        ):
-            raise ValidationError("Expected variable names separated by ','.")
-        names = tuple(dict.fromkeys(i.strip() for i in items if i.strip()))
-        bad = [name for name in names if not _ENV_NAME.fullmatch(name)]
-        if bad:
-            raise ValidationError(f"Not variable names: {', '.join(bad)}.")
-        secret = [name for name in names if name in TOKEN_KEYS]
-        if secret:
-            raise ValidationError(
-                f"{', '.join(secret)} is never passed to a VMM: the bearer token "
-                "stays in the server."
-            )
-        return names
-
-
-class _PortRange(fields.Field):
-    """An inclusive port range ``LOW-HIGH`` (1024..65535), or empty for none."""
-
-    def _deserialize(
-        self, value: Any, attr: str | None, data: Any, **kwargs: Any
-    ) -> tuple[int, int] | None:
-        if value is None or value == "":
-            return None
-        low, sep, high = str(value).partition("-")
-        try:
-            if not sep:
-                raise ValueError
-            bounds = int(low), int(high)
-        except ValueError:
-            raise ValidationError(
-                f"Expected a port range LOW-HIGH (e.g. 20000-20999), not {value!r}."
-            ) from None
-        if not 1024 <= bounds[0] <= bounds[1] <= 65535:
-            raise ValidationError(
-                f"{value!r}: give 1024 <= LOW <= HIGH <= 65535 (ports below 1024 "
-                "are privileged)."
-            )
-        return bounds
 
 
 def _seconds(**kwargs: Any) -> fields.Float:
@@ -272,7 +209,7 @@ class SettingsSchema(Schema):
     state_dir = fields.String(
         data_key="VMMGATE_STATE_DIR", allow_none=True, load_default=None
     )
-    vmm_command = _Command(
+    vmm_command = setting_fields.Command(
         data_key="VMMGATE_VMM_COMMAND", allow_none=True, load_default=None
     )
     vmm_flavor = fields.String(
@@ -286,10 +223,10 @@ class SettingsSchema(Schema):
     )
     rpc_timeout = _seconds(data_key="VMMGATE_RPC_TIMEOUT", load_default=60.0)
     stop_timeout = _seconds(data_key="VMMGATE_STOP_TIMEOUT", load_default=10.0)
-    kernel_roots = _PathList(
+    kernel_roots = setting_fields.PathList(
         data_key="VMMGATE_KERNEL_ROOTS", allow_none=True, load_default=None
     )
-    snapshot_roots = _PathList(
+    snapshot_roots = setting_fields.PathList(
         data_key="VMMGATE_SNAPSHOT_ROOTS", allow_none=True, load_default=None
     )
     default_memory_mib = integer_setting(
@@ -304,10 +241,10 @@ class SettingsSchema(Schema):
         *CONSOLE_MAX_BYTES_RANGE,
         load_default=CONSOLE_MAX_BYTES_DEFAULT,
     )
-    rpc_ports = _PortRange(
+    rpc_ports = setting_fields.PortRange(
         data_key="VMMGATE_RPC_PORTS", allow_none=True, load_default=None
     )
-    vmm_env = _EnvNames(data_key="VMMGATE_VMM_ENV", load_default=())
+    vmm_env = setting_fields.EnvNames(data_key="VMMGATE_VMM_ENV", load_default=())
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -326,12 +263,14 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
     if "," in str(state_dir):
         # Start-up scripts live under it and the VMM command line uses "," as separator.
         raise ConfigError(f"VMMGATE_STATE_DIR must not contain a comma: {state_dir}")
-    default_roots = [str(cwd), str(state_dir)]
+    # The demo guest is always bootable; configured kernel roots come on top.
+    kernel_roots = [str(state_dir / "guest"), *(data["kernel_roots"] or ())]
+    snapshot_roots = data["snapshot_roots"] or [str(state_dir / "snapshots")]
     command = list(data["vmm_command"] or (sys.executable, "-m", "vmmgate.vmm"))
     if "/" in command[0] and not os.path.isabs(command[0]):
         # The VMM runs in its own run directory: anchor a relative program to ours.
         command[0] = os.path.normpath(os.path.join(cwd, command[0]))
-    return Settings(
+    settings = Settings(
         state_dir=state_dir,
         vmm_command=tuple(command),
         vmm_flavor=data["vmm_flavor"],
@@ -339,8 +278,8 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         rpc_connect_timeout=data["rpc_connect_timeout"],
         rpc_timeout=data["rpc_timeout"],
         stop_timeout=data["stop_timeout"],
-        kernel_roots=_roots(data["kernel_roots"] or default_roots, cwd),
-        snapshot_roots=_roots(data["snapshot_roots"] or default_roots, cwd),
+        kernel_roots=_roots(kernel_roots, cwd),
+        snapshot_roots=_roots(snapshot_roots, cwd),
         default_memory_mib=data["default_memory_mib"],
         default_vcpus=data["default_vcpus"],
         max_body_bytes=data["max_body_bytes"],
@@ -351,6 +290,8 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         limits=load_limits(mapping),
         token=load_token(mapping, cwd),
     )
+    _refuse_protected_roots(settings)
+    return settings
 
 
 def _absolute(path: str, cwd: Path) -> Path:
@@ -364,6 +305,33 @@ def _roots(paths: list[str], cwd: Path) -> tuple[Path, ...]:
     for path in paths:
         seen.setdefault(_absolute(path, cwd), None)
     return tuple(seen)
+
+
+def _refuse_protected_roots(settings: Settings) -> None:
+    """Refuse a root inside the state directory or the code tree (but the carve-outs).
+
+    Paths inside those trees are refused per request anyway (PathPolicy); a
+    root there could serve nothing but refusals, so it is a mistake to say at start.
+    """
+    for roots, allowed, setting in (
+        (settings.kernel_roots, settings.guest_dir, "VMMGATE_KERNEL_ROOTS"),
+        (settings.snapshot_roots, settings.snapshot_home, "VMMGATE_SNAPSHOT_ROOTS"),
+    ):
+        for root in roots:
+            if _within(root, allowed):
+                continue
+            tree = next((t for t in settings.protected_trees if _within(root, t)), None)
+            if tree is not None:
+                raise ConfigError(
+                    f"{setting}: {root} is inside {tree}, the server's own state or "
+                    "code, where no client path may lead; choose a directory outside "
+                    f"it (the default snapshot root is {settings.snapshot_home})."
+                )
+
+
+def _within(path: Path, tree: Path) -> bool:
+    """Tell whether ``path`` is ``tree`` or inside it."""
+    return path == tree or path.is_relative_to(tree)
 
 
 def load_token(mapping: Mapping[str, Any], cwd: Path) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 #: The repository (or installation) root: the parent of the ``vmmgate`` package.
@@ -19,6 +20,16 @@ def state_dir() -> Path:
 def guest_dir() -> Path:
     """Return the directory holding the demo guest (kernel and initramfs)."""
     return state_dir() / "guest"
+
+
+def code_trees() -> tuple[Path, ...]:
+    """Return the directories holding code the server runs: never a snapshot's place.
+
+    The project root (``app.py``, ``gunicorn.conf.py``, the package) and the
+    Python installation and virtualenv (a ``.pth`` file there runs at every start).
+    """
+    trees = (PROJECT_ROOT, sys.prefix, sys.exec_prefix, sys.base_prefix)
+    return tuple(dict.fromkeys(Path(os.path.realpath(tree)) for tree in trees))
 
 
 def qemu_path() -> str | None:
