@@ -23,7 +23,7 @@ from vmmgate.shared import atomic
 from vmmgate.shared.atomic import TEMP_PREFIX, AtomicFile, Undo
 from vmmgate.shared.recovery import PLAN_TAG, recover, sweep, write_plan
 from vmmgate.shared.snapfile import verify_pair
-from vmmgate.vmm import snapshot
+from vmmgate.vmm import snapshot, targets
 from vmmgate.vmm.errors import SnapshotIOError
 
 DEAD = 999_999_999  # a pid no process has: recovery acts on a dead writer's names
@@ -147,8 +147,8 @@ DESCRIBE = {
 
 def write_snapshot(machine: StubMachine, cpu: Path, mem: Path) -> None:
     """What VM.snapshot does once the VM is paused: write through the opened targets."""
-    with snapshot.open_targets(cpu, mem) as targets:
-        snapshot.write_snapshot(machine, targets, DESCRIBE)  # type: ignore[arg-type]
+    with targets.open_targets(cpu, mem) as opened:
+        snapshot.write_snapshot(machine, opened, DESCRIBE)  # type: ignore[arg-type]
 
 
 def test_write_snapshot_puts_the_old_pair_back_when_the_second_rename_fails(
@@ -383,7 +383,7 @@ def test_a_vmms_first_snapshot_into_a_directory_sweeps_it(
     dead_writers_plan(cpu, mem)
     as_dead_writer(Undo(mem).entry)
     os.replace(new_mem, mem)
-    snapshot.check_targets(cpu, mem, 0).close()  # what VM.snapshot calls before pausing
+    targets.check_targets(cpu, mem, 0).close()  # what VM.snapshot calls before pausing
     assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
     assert temps(cpu.parent) == []
 

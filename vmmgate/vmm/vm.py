@@ -204,11 +204,12 @@ class VirtualMachine:
         """
         # Imported here, off a restore's critical path (cli.py loads it meanwhile).
         from vmmgate.vmm import snapshot as snap
+        from vmmgate.vmm.targets import check_targets
 
         need = snap.size_estimate(self.machine)
         # The directories are opened (and checked) once, here, and written through
         # those descriptors: a path swapped after this point is never followed.
-        with snap.check_targets(cpu_path, memory_path, need, self.roots) as targets:
+        with check_targets(cpu_path, memory_path, need, self.roots) as targets:
             was_running = self.state is VmState.RUNNING
             if not was_running:
                 self._leave_postmigrate()
