@@ -70,6 +70,9 @@ def main() -> None:
         port = answer.json["port"]
         console = next(state.glob("vms/*/console.log"))
         vmm_bench.wait_counter(console, 2)
+        # The server keeps each VMM's RPC secret in its run directory; the direct
+        # calls send it as the server does.
+        secret = (console.parent / "rpc.key").read_text()
         cpu, mem = work / "cpu", work / "mem"
         body = {"cpu_snapshot_path": str(cpu), "memory_snapshot_path": str(mem),
                 "rpc_port": port, "resume": True}  # fmt: skip
@@ -77,7 +80,13 @@ def main() -> None:
             http = timed(lambda: server.post("/snapshot", body))
             direct = timed(
                 lambda: rpc.call(
-                    port, "snapshot_and_pause", str(cpu), str(mem), port, True
+                    port,
+                    "snapshot_and_pause",
+                    str(cpu),
+                    str(mem),
+                    port,
+                    True,
+                    secret=secret,
                 )
             )
             rows["snapshot"][0].append(http)

@@ -24,6 +24,11 @@ late without blocking the others), ``sleep`` (blocks), ``crash``, ``fail`` and
 ``stats`` (connections accepted and calls received per method, so a test can
 tell that no call was retried).
 
+Like the bundled VMM, with ``--auth-fd`` it reads a secret from that
+descriptor and answers any call whose first argument is not that secret with
+``unauthorized: ...`` (doing nothing); ``--snapshot-root`` is accepted and
+ignored.
+
 It writes its argv as JSON to ``argv.json`` in its working directory and, if
 ``FAKE_VMM_EVENTS`` names a file, appends ``<pid> <event>`` lines to it (the
 shutdown requests and SIGTERMs it received) that outlive its run directory.
@@ -32,6 +37,7 @@ shutdown requests and SIGTERMs it received) that outlive its run directory.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import signal
@@ -170,16 +176,24 @@ class CountingServer(msgpackrpc.Server):
     """An RPC server that counts the calls it receives, per method."""
 
     connections = 0
+    #: Required as every call's first argument (None: the original protocol).
+    secret: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.calls: Counter[str] = Counter()
 
     def dispatch(self, method: Any, param: Any, responder: Any) -> None:
-        """Count the call, then dispatch it as usual."""
+        """Count the call, check the secret, then dispatch it as usual."""
         name = method.decode() if isinstance(method, bytes) else str(method)
         if name != "stats":
             self.calls[name] += 1
+        if self.secret is not None:
+            given = param[0] if param and isinstance(param[0], str) else ""
+            if not hmac.compare_digest(given.encode(), self.secret.encode()):
+                responder.set_error("unauthorized: not the secret of this fake VMM")
+                return
+            param = param[1:]
         super().dispatch(method, param, responder)
 
 
@@ -205,7 +219,13 @@ def main() -> None:
     parser.add_argument("--console-log")
     parser.add_argument("--tap")
     parser.add_argument("--guest-ip")
+    parser.add_argument("--auth-fd", type=int)
+    parser.add_argument("--snapshot-root", action="append")
     args = parser.parse_args()
+    secret = None
+    if args.auth_fd is not None:
+        with os.fdopen(args.auth_fd, "rb") as pipe:
+            secret = pipe.read().decode().strip()
     with open("argv.json", "w") as out:
         json.dump(sys.argv[1:], out)
     mode = os.environ.get("FAKE_VMM_MODE", "ok")
@@ -238,6 +258,7 @@ def main() -> None:
         with open(args.console_log, "w") as console:
             console.write("vmmgate-guest: up\n")
     server = CountingServer(None, unpack_encoding="utf-8")
+    server.secret = secret
     server._dispatcher = Handler(
         server, args.memory, args.vcpus, mode, None if args.tap else FAKE_SSH_PORT
     )

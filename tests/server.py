@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests import vmmrpc
 from vmmgate.errors import RpcError
-from vmmgate.infra import procfs, rpc
+from vmmgate.infra import procfs
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.infra.registry import Registry
 from vmmgate.model import VmRecord
@@ -210,7 +211,7 @@ class Server:
         if pid is None or not is_same_process(pid, start_time):
             return
         try:
-            rpc.call(record.port, "shutdown", timeout=5)
+            vmmrpc.call(record.port, "shutdown", timeout=5)
         except RpcError:
             pass
         for sig in (None, signal.SIGTERM, signal.SIGKILL):

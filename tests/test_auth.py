@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from flask import Flask
 
+from tests import vmmrpc
 from tests.snapfiles import make_pair
 from tests.test_http import assert_error, boot_body, snap_body
 from vmmgate.errors import ConfigError
-from vmmgate.infra import rpc
 from vmmgate.infra.config import load_settings
 from vmmgate.infra.rocket import BindAddress
 from vmmgate.shared.state import PROJECT_ROOT
@@ -125,7 +125,7 @@ def test_right_token_works(locked: Flask, kernel: Path, work: Path) -> None:
         "/snapshot", json=snap_body(port), headers={"Authorization": f"bearer {TOKEN}"}
     )
     assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
-    assert rpc.call(port, "status", timeout=10)["snapshots_taken"] == 2
+    assert vmmrpc.call(port, "status", timeout=10)["snapshots_taken"] == 2
     # A restore (a pair the VMM's reader accepts) with the token; without it, 401.
     make_pair(work / "r.cpu", work / "r.mem")
     restore = {

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vmmrpc
 from tests.conftest import fake_vmm_server
 from tests.fakevmm import FAKE_SSH_PORT
 from tests.server import Server, free_port
@@ -45,7 +46,6 @@ from vmmgate.client import (
     VmmStatus,
 )
 from vmmgate.client.errors import api_error
-from vmmgate.infra import rpc
 from vmmgate.shared.state import PROJECT_ROOT
 
 TOKEN = "client-test-token_0123456789abcdef"
@@ -92,7 +92,7 @@ def kernel(server: Server) -> str:
 
 def vmm_state(port: int) -> str:
     """Ask the VM's VMM (the fake keeps its own run state) whether it runs."""
-    return rpc.call(port, "status", timeout=10)["state"]
+    return vmmrpc.call(port, "status", timeout=10)["state"]
 
 
 def raw_error(server: Server, method: str, path: str, token: str | None) -> object:

@@ -11,9 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests import vmmrpc
 from tests.conftest import fake_vmm_server
 from tests.server import Server, wait_for
-from vmmgate.infra import procfs, rpc
+from vmmgate.infra import procfs
 from vmmgate.infra.procfs import is_same_process
 
 
@@ -80,7 +81,7 @@ def test_ten_concurrent_creates_get_ten_ports(server: Server) -> None:
     ports = {answer["port"] for answer in answers}
     assert len(ports) == 10
     for port in ports:
-        assert rpc.call(port, "status", timeout=10)["state"] == "running"
+        assert vmmrpc.call(port, "status", timeout=10)["state"] == "running"
     records = [server.registry.find_live_by_port(port) for port in ports]
     for record in records:
         assert record is not None

@@ -14,9 +14,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests import vmmrpc
 from tests.fakevmm import FAKE_SSH_PORT
 from vmmgate.core import flavors
-from vmmgate.errors import SnapshotMismatch
+from vmmgate.errors import RemoteInternal, SnapshotMismatch
 from vmmgate.infra import rpc
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.model import VmState
@@ -268,15 +269,30 @@ def test_boot_answers_pid_and_port_and_registers(
     assert vm_dir.parent == state / "vms"
     argv = json.loads((vm_dir / "argv.json").read_text())
     assert argv[:4] == ["--kernel", f"path={kernel}", "--port", str(body["port"])]
-    assert argv[4] == "--listen-fd" and argv[6:] == [
-        "--memory",
-        "256",
-        "--vcpus",
-        "1",
-        "--console-log",
-        str(vm_dir / "console.log"),
-    ]
-    assert rpc.VmmClient(body["port"]).status()["state"] == "running"
+    roots = [f"--snapshot-root={r}" for r in get_service(app).settings.snapshot_roots]
+    assert (
+        argv[4] == "--listen-fd"
+        and argv[6] == "--auth-fd"
+        and argv[8:]
+        == [
+            *roots,
+            "--memory",
+            "256",
+            "--vcpus",
+            "1",
+            "--console-log",
+            str(vm_dir / "console.log"),
+        ]
+    )
+    # The secret: in the 0600 rpc.key of the 0700 run directory, not on argv.
+    secret = (vm_dir / "rpc.key").read_text()
+    assert len(secret) == 64 and secret not in json.dumps(argv)
+    assert (vm_dir / "rpc.key").stat().st_mode & 0o777 == 0o600
+    assert vm_dir.stat().st_mode & 0o777 == 0o700
+    assert vmmrpc.secret_of(body["port"]) == secret  # what the other tests use
+    assert rpc.VmmClient(body["port"], secret=secret).status()["state"] == "running"
+    with pytest.raises(RemoteInternal, match="unauthorized"):
+        rpc.VmmClient(body["port"]).status()
 
 
 def test_boot_with_config_and_tap(
@@ -312,11 +328,11 @@ def test_snapshot_resume_and_pause(
     assert response.status_code == 200
     assert response.get_json() == "Snapshot taken successfully"
     assert (work / "cpu.snap").exists() and (work / "mem.snap").exists()
-    status = rpc.call(port, "status", timeout=10)
+    status = vmmrpc.call(port, "status", timeout=10)
     assert status["state"] == "running" and status["snapshots_taken"] == 1
     response = client.post("/snapshot", json=snap_body(port, resume=False))
     assert response.get_data(as_text=True).strip() == '"Snapshot taken successfully"'
-    status = rpc.call(port, "status", timeout=10)
+    status = vmmrpc.call(port, "status", timeout=10)
     assert status["state"] == "paused" and status["snapshots_taken"] == 2
     # The server's own view follows the VMM's.
     record = get_service(app).registry.find_live_by_port(port)
@@ -324,7 +340,7 @@ def test_snapshot_resume_and_pause(
     # A paused VM snapshotted with resume=true runs again.
     response = client.post("/snapshot", json=snap_body(port, resume=True))
     assert response.status_code == 200, response.get_data(as_text=True)
-    assert rpc.call(port, "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(port, "status", timeout=10)["state"] == "running"
 
 
 @pytest.mark.parametrize(
@@ -372,7 +388,7 @@ def test_vmm_errors_map_to_statuses(
         client.post("/snapshot", json=snap_body(port, resume=False)), code, message
     )
     # The VMM left the VM running; the server did not record it as paused.
-    status = rpc.call(port, "status", timeout=10)
+    status = vmmrpc.call(port, "status", timeout=10)
     assert status["state"] == "running" and status["snapshots_taken"] == 0
     record = get_service(app).registry.find_live_by_port(port)
     assert record is not None and record.state is VmState.RUNNING

@@ -24,6 +24,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests import vmmrpc
 from tests.conftest import FAKE_VMM
 from tests.server import wait_for
 from tests.test_http import assert_error, boot_body
@@ -34,7 +35,7 @@ from vmmgate.core.rundir import RunDir
 from vmmgate.core.states import describe_exit
 from vmmgate.core.vmm_handle import VmmHandle
 from vmmgate.errors import VmmStartError
-from vmmgate.infra import procfs, rpc
+from vmmgate.infra import procfs
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.infra.registry import Registry
 from vmmgate.model import VmKind, VmRecord, VmState
@@ -226,7 +227,7 @@ def test_get_adopts_the_vmms_state(
 ) -> None:
     """A VM paused behind the server's back (direct RPC) shows paused on the next read."""
     answer = boot(client, kernel)
-    assert rpc.call(answer["port"], "pause", timeout=5) == "Success"
+    assert vmmrpc.call(answer["port"], "pause", timeout=5) == "Success"
     assert vm(client, answer["id"])["state"] == "paused"
     assert get_service(app).registry.get(answer["id"]).state is VmState.PAUSED
 
@@ -248,7 +249,7 @@ def test_snapshot_by_id_like_snapshot(
     assert answer["result"] == "Snapshot taken successfully"
     assert answer["cpu_snapshot_path"] == str(work / "c.snap")
     assert (work / "m.snap").exists()
-    status = rpc.call(port, "status", timeout=10)
+    status = vmmrpc.call(port, "status", timeout=10)
     assert status["state"] == "paused" and status["snapshots_taken"] == 1
     assert answer["vm"]["state"] == "paused"
     # The snapshot as a value: the files the VMM wrote, their sizes, the guest.
@@ -262,10 +263,10 @@ def test_snapshot_by_id_like_snapshot(
     # Paths are checked as for /snapshot.
     outside = {**body, "cpu_snapshot_path": "/etc/x.snap", "resume": True}
     assert_error(client.post(f"/vms/{vm_id}/snapshot", json=outside), 422)
-    assert rpc.call(port, "status", timeout=10)["snapshots_taken"] == 1
+    assert vmmrpc.call(port, "status", timeout=10)["snapshots_taken"] == 1
     again = client.post(f"/vms/{vm_id}/snapshot", json={**body, "resume": True})
     assert again.status_code == 200, again.get_data(as_text=True)
-    status = rpc.call(port, "status", timeout=10)
+    status = vmmrpc.call(port, "status", timeout=10)
     assert status["state"] == "running" and status["snapshots_taken"] == 2
     assert again.get_json()["vm"]["state"] == "running"
 
@@ -484,7 +485,7 @@ def test_console_follow_stops_after_timeout(
     )
     text = _read_stream(response, 120, write_once)
     assert text == "vmmgate-guest: up\nwhile following\n"
-    assert rpc.call(answer["port"], "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(answer["port"], "status", timeout=10)["state"] == "running"
 
 
 def test_console_followers_are_bounded(
@@ -771,7 +772,7 @@ def test_a_vmm_handle_owns_its_process(
     with handle:
         pid = handle.spawn(FAKE_COMMAND, BOOT_SPEC, dict(os.environ), exits.append)
         assert handle.wait_ready(10)["state"] == "running"
-        assert rpc.call(handle.port, "status")["state"] == "running"
+        assert vmmrpc.call(handle.port, "status")["state"] == "running"
         assert handle.alive
     assert exits == [0], "the reaper did not hand on the exit status"
     assert procfs.read_stat(pid) is None, "the VMM was left a zombie"

@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
+from tests import vmmrpc
 from tests.snapfiles import make_pair
 from tests.test_http import assert_error, boot_body, snap_body, vm_dirs
 from vmmgate.errors import ConfigError, SnapshotInProgress
-from vmmgate.infra import procfs, rpc
+from vmmgate.infra import procfs
 from vmmgate.infra.config import load_settings
 from vmmgate.model import LIVE_STATES, VmKind, VmRecord, VmState
 from vmmgate.web.extensions import get_service
@@ -240,7 +241,7 @@ def test_one_snapshot_per_vm_at_a_time(
             "already in progress",
         )
         assert not (work / "cpu.snap").exists()
-        assert rpc.VmmClient(port).status()["state"] == "running"
+        assert vmmrpc.client(port).status()["state"] == "running"
     finally:
         slots.release(token)
     ok = first.test_client().post("/snapshot", json=snap_body(port))
@@ -261,7 +262,7 @@ def test_concurrent_snapshots_in_total(
             429,
             "VMMGATE_MAX_CONCURRENT_SNAPSHOTS=2",
         )
-        status = rpc.VmmClient(port).status()
+        status = vmmrpc.client(port).status()
         assert status["state"] == "running" and status["snapshots_taken"] == 0
     finally:
         slots.release(tokens.pop())
@@ -321,7 +322,7 @@ def test_too_little_free_disk_is_507_before_the_vm_is_paused(
         "not paused",
     )
     assert error["reason"] == "Insufficient Storage"
-    assert rpc.VmmClient(port).status()["state"] == "running"
+    assert vmmrpc.client(port).status()["state"] == "running"
     assert not (work / "cpu.snap").exists() and not (work / "mem.snap").exists()
     assert get_service(app).snapshots.slots.in_progress() == []
 
@@ -392,7 +393,7 @@ def test_snapshot_to_a_locked_target_is_409(
             "snapshot of VM other-vm",
         )
         assert not (work / "cpu.snap").exists() and not (work / "mem.snap").exists()
-        status = rpc.VmmClient(port).status()
+        status = vmmrpc.client(port).status()
         assert status["state"] == "running" and status["snapshots_taken"] == 0
     finally:
         slots.release(token)

@@ -23,7 +23,7 @@ from vmmgate.shared import atomic
 from vmmgate.shared.atomic import TEMP_PREFIX, AtomicFile, Undo
 from vmmgate.shared.recovery import PLAN_TAG, recover, sweep, write_plan
 from vmmgate.shared.snapfile import verify_pair
-from vmmgate.vmm import snapshot
+from vmmgate.vmm import snapshot, targets
 from vmmgate.vmm.errors import SnapshotIOError
 
 DEAD = 999_999_999  # a pid no process has: recovery acts on a dead writer's names
@@ -145,6 +145,12 @@ DESCRIBE = {
 }
 
 
+def write_snapshot(machine: StubMachine, cpu: Path, mem: Path) -> None:
+    """What VM.snapshot does once the VM is paused: write through the opened targets."""
+    with targets.open_targets(cpu, mem) as opened:
+        snapshot.write_snapshot(machine, opened, DESCRIBE)  # type: ignore[arg-type]
+
+
 def test_write_snapshot_puts_the_old_pair_back_when_the_second_rename_fails(
     pairs: tuple[Path, Path, dict[str, str], Path, Path],
     monkeypatch: pytest.MonkeyPatch,
@@ -160,19 +166,19 @@ def test_write_snapshot_puts_the_old_pair_back_when_the_second_rename_fails(
     monkeypatch.setattr(snapshot, "save_device_state", device_state)
     real = os.replace
 
-    def replace(src: object, dst: object) -> None:
-        if Path(str(dst)) == cpu:
+    def replace(src: object, dst: object, **dir_fds: int | None) -> None:
+        if str(dst) == cpu.name:  # renamed within the directory's descriptor
             raise OSError(errno.EIO, "Input/output error")
-        real(src, dst)  # type: ignore[arg-type]
+        real(src, dst, **dir_fds)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(SnapshotIOError, match="Input/output error"):
-        snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
+        write_snapshot(machine, cpu, mem)
     monkeypatch.setattr(os, "replace", real)
     assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
     assert temps(cpu.parent) == []
     # The same call without the fault writes a new, whole pair and leaves no names behind.
-    snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
+    write_snapshot(machine, cpu, mem)
     assert verify_pair(cpu, mem).memory_mib == 16 and digest(mem) != old["mem"]
     assert temps(cpu.parent) == []
     os.close(machine.ram_fd)
@@ -312,7 +318,7 @@ def assert_snapshot_fails_cleanly(
     monkeypatch.setattr(snapshot, "save_device_state", fake_device_state)
     try:
         with pytest.raises(SnapshotIOError, match=match):
-            snapshot.write_snapshot(machine, cpu, mem, DESCRIBE)  # type: ignore[arg-type]
+            write_snapshot(machine, cpu, mem)
     finally:
         os.close(machine.ram_fd)
     assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
@@ -358,11 +364,11 @@ def test_write_snapshot_rolls_back_when_the_directory_fsync_fails(
     """Both renames done, then the directory fsync fails: old pair back, no names left."""
     calls = []
 
-    def failing(directory: Path) -> None:
+    def failing(directory: Path, dir_fd: int | None = None) -> None:
         calls.append(directory)
         if len(calls) == 1:  # the commit's; the roll-back's own fsync works
             raise OSError(errno.EIO, "Input/output error")
-        real_fsync_dir(directory)
+        real_fsync_dir(directory, dir_fd)
 
     real_fsync_dir = atomic.fsync_dir
     monkeypatch.setattr(snapshot, "fsync_dir", failing)
@@ -377,7 +383,7 @@ def test_a_vmms_first_snapshot_into_a_directory_sweeps_it(
     dead_writers_plan(cpu, mem)
     as_dead_writer(Undo(mem).entry)
     os.replace(new_mem, mem)
-    snapshot.check_targets(cpu, mem, 0)  # what VM.snapshot calls before pausing
+    targets.check_targets(cpu, mem, 0).close()  # what VM.snapshot calls before pausing
     assert digest(cpu) == old["cpu"] and digest(mem) == old["mem"]
     assert temps(cpu.parent) == []
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, UP_LINE, Vm
 from tests.guestcheck import assert_restored_continues
 from tests.server import Response, Server, wait_for
 from tests.snapfiles import sha256  # noqa: F401 - the e2e tests import it from here
-from vmmgate.infra import rpc
 from vmmgate.model import VmRecord, VmState
 from vmmgate.shared.atomic import TEMP_PREFIX
 
@@ -81,7 +81,7 @@ def assert_error(response: Response, code: int, *needles: str) -> str:
 
 def vmm_status(vm: Vm) -> dict[str, Any]:
     """Return the VMM's own status (the test's oracle, not the API's)."""
-    return rpc.call(vm.port, "status", timeout=10)
+    return vmmrpc.call(vm.port, "status", timeout=10)
 
 
 def wait_counting(vm: Vm, timeout: float = 20) -> int:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests import vmmrpc
 from tests.e2e.conftest import BOOT_TIMEOUT, COUNTER, KERNEL, UP_LINE
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, wait_for
-from vmmgate.infra import rpc
 from vmmgate.shared.state import PROJECT_ROOT
 
 
@@ -118,13 +118,13 @@ def test_cli_boot_snapshot_restore_stop(server: Server, snapshots: Path) -> None
             "Snapshot taken successfully" in taken.stdout and "paused" in taken.stdout
         )
         port = booted["port"]
-        assert rpc.call(port, "status", timeout=10)["state"] == "paused"
+        assert vmmrpc.call(port, "status", timeout=10)["state"] == "paused"
         assert as_json(server, "show", vm_id)["state"] == "paused"
         # The window the restore's first counter must be in (+2: a line the pause cut).
         text = log.read_text(errors="replace")
         high = counters(text)[-1] + (1 if text.endswith("\n") else 2)
         assert as_json(server, "resume", vm_id)["state"] == "running"
-        assert rpc.call(port, "status", timeout=10)["state"] == "running"
+        assert vmmrpc.call(port, "status", timeout=10)["state"] == "running"
         refused = vmmgate(server, "resume", vm_id, check=False)
         assert refused.returncode == 1 and "409 Conflict" in refused.stderr
 
@@ -144,7 +144,7 @@ def test_cli_boot_snapshot_restore_stop(server: Server, snapshots: Path) -> None
         )
         assert_restored_continues(restored_text, before + 1, high)
         assert as_json(server, "pause", restored_id)["state"] == "paused"
-        assert rpc.call(restored["port"], "status", timeout=10)["state"] == "paused"
+        assert vmmrpc.call(restored["port"], "status", timeout=10)["state"] == "paused"
         seen = counters(vmmgate(server, "console", vm_id).stdout)[-1]
         assert follow_until_counter_above(server, vm_id, seen) > seen
 

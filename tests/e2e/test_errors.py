@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import KERNEL, Vm, boot_body, restore_body, snapshot_body
 from tests.server import Response, Server, processes_under, wait_for
-from vmmgate.infra import rpc
 
 
 def assert_error(response: Response, code: int, *needles: str) -> None:
@@ -206,7 +206,7 @@ def test_snapshot_into_a_missing_directory(
         False,
     )
     assert_error(server.post("/snapshot", body), 422, "does not exist")
-    assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(vm.port, "status", timeout=10)["state"] == "running"
 
 
 def test_vmm_failing_at_start_is_500_with_its_log(server: Server) -> None:

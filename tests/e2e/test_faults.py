@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import Vm, boot_body, restore_body, snapshot_body
 from tests.e2e.support import (
     WRITE_PHASES,
@@ -41,7 +42,7 @@ from tests.e2e.support import (
     wait_counting,
 )
 from tests.server import Response, Server, processes_under, wait_for
-from vmmgate.infra import procfs, rpc
+from vmmgate.infra import procfs
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.shared.snapfile import verify_pair
 
@@ -83,7 +84,7 @@ def base(server: Server, factory: VmFactory) -> Base:
 def running(base: Base) -> Vm:
     """The module's booted VM, checked to be running."""
     if vmm_status(base.vm)["state"] == "paused":
-        rpc.call(base.vm.port, "resume", timeout=10)
+        vmmrpc.call(base.vm.port, "resume", timeout=10)
     return base.vm
 
 

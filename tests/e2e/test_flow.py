@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from tests import vmmrpc
 from tests.e2e.conftest import (
     BOOT_TIMEOUT,
     COUNTER,
@@ -20,7 +21,6 @@ from tests.e2e.support import (
     last_counter,
 )
 from tests.server import Server, wait_for
-from vmmgate.infra import rpc
 
 SNAPSHOT_OK = "Snapshot taken successfully"
 
@@ -42,7 +42,7 @@ def test_boot_snapshot_paused_and_restore_continues(
     assert response.status == 200, response.text
     assert response.json == SNAPSHOT_OK
     assert cpu.stat().st_size > 0 and memory.stat().st_size > 0
-    assert rpc.call(source.port, "status", timeout=10)["state"] == "paused"
+    assert vmmrpc.call(source.port, "status", timeout=10)["state"] == "paused"
     source_text = source.console_text()
     last = int(COUNTER.findall(source_text)[-1])
 
@@ -67,7 +67,7 @@ def test_snapshot_with_resume_leaves_the_source_running(
         "/snapshot", snapshot_body(vm.port, snapshots / "c", snapshots / "m", True)
     )
     assert response.status == 200 and response.json == SNAPSHOT_OK
-    assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(vm.port, "status", timeout=10)["state"] == "running"
     vm.wait_counter_above(before + 1)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import (
     Vm,
     boot_body,
@@ -37,7 +38,6 @@ from tests.e2e.support import (
 from tests.server import Response, Server, make_server, processes_under
 from tests.snapfiles import make_pair
 from vmmgate.core.admission import SnapshotSlots
-from vmmgate.infra import rpc
 from vmmgate.infra.config import Limits
 
 pytestmark = pytest.mark.e2e
@@ -187,7 +187,7 @@ def test_snapshot_limits_and_memory_limit(guarded: Server, factory: VmFactory) -
     window = counter_window_after(second, before, paused=True)
 
     # Memory: one VM of 128 MiB left; a 256 MiB snapshot would make 384 > 300.
-    rpc.call(second.port, "shutdown", timeout=10)
+    vmmrpc.call(second.port, "shutdown", timeout=10)
     wait_recorded_exited(guarded, second)
     make_pair(directory / "big.cpu", directory / "big.mem", memory_mib=256)
     rows, dirs = len(guarded.registry.list()), os.listdir(guarded.state / "vms")

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import (
     GUEST,
     Vm,
@@ -41,7 +42,6 @@ from tests.e2e.support import (
     wait_recorded_exited,
 )
 from tests.server import Server
-from vmmgate.infra import rpc
 from vmmgate.shared.snapfile import verify_pair
 from vmmgate.shared.state import PROJECT_ROOT
 
@@ -310,7 +310,7 @@ def exited_vm(setting: Setting) -> Vm:
     response = post(s.server, "/snapshot", snapshot_body(s.vm.port, cpu, memory, True))
     assert response.status == 200, response.text
     vm = s.factory.create(restore_body(cpu, memory))
-    rpc.call(vm.port, "shutdown", timeout=10)
+    vmmrpc.call(vm.port, "shutdown", timeout=10)
     wait_recorded_exited(s.server, vm)
     return vm
 

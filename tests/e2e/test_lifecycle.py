@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests import vmmrpc
 from tests.e2e.conftest import (
     BOOT_TIMEOUT,
     COUNTER,
@@ -22,7 +23,6 @@ from tests.e2e.conftest import (
 )
 from tests.guestcheck import assert_restored_continues
 from tests.server import Response, Server, wait_for
-from vmmgate.infra import rpc
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.vmm.accel import kvm_openable
 
@@ -132,7 +132,7 @@ def test_vm_lifecycle_end_to_end(
     assert body["kind"] == "boot" and body["kernel_path"].endswith("var/guest/vmlinuz")
     # The accelerator is whatever this host gives (KVM or TCG): the API reports the
     # VMM's own answer, and QEMU really runs with it.
-    status = rpc.call(source.port, "status", timeout=10)
+    status = vmmrpc.call(source.port, "status", timeout=10)
     accel = body["vmm_status"]["accel"]
     assert accel in ("kvm", "tcg") and accel == status["accel"]
     if not kvm_openable():
@@ -153,7 +153,7 @@ def test_vm_lifecycle_end_to_end(
     # Pause and resume, each refused when repeated.
     error(server.post(f"/vms/{vm_id}/resume", {}), 409, "not paused")
     assert ok(server.post(f"/vms/{vm_id}/pause", {}))["state"] == "paused"
-    assert rpc.call(source.port, "status", timeout=10)["state"] == "paused"
+    assert vmmrpc.call(source.port, "status", timeout=10)["state"] == "paused"
     error(server.post(f"/vms/{vm_id}/pause", {}), 409, "already paused")
     frozen = last_counter(console(server, vm_id))
     time.sleep(1.5)
@@ -175,14 +175,14 @@ def test_vm_lifecycle_end_to_end(
         )
     )
     assert taken["result"] == "Snapshot taken successfully"
-    assert rpc.call(source.port, "status", timeout=10)["state"] == "paused"
+    assert vmmrpc.call(source.port, "status", timeout=10)["state"] == "paused"
     assert taken["vm"]["state"] == "paused" and cpu.stat().st_size > 0
     low, high = restore_window(source.console_text(), before)
     restored = vms(restore_body(cpu, memory))
     restored_id = restored.record.id
     body = get_vm(server, restored_id)
     assert body["kind"] == "restore" and body["cpu_snapshot_path"] == str(cpu)
-    assert rpc.call(restored.port, "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(restored.port, "status", timeout=10)["state"] == "running"
     assert body["state"] == "running"
     # The snapshot's run, not a fresh boot: the counter goes on from the pause.
     restored.wait_counter_above(0)
@@ -224,7 +224,7 @@ def test_metrics_agree_across_workers(server: Server, vms: Callable[..., Vm]) ->
     """Every scrape, whichever worker answers, shows the same counts and the registry's VMs."""
     vm = vms(boot_body())
     ok(server.post(f"/vms/{vm.record.id}/pause", {}))
-    assert rpc.call(vm.port, "status", timeout=10)["state"] == "paused"
+    assert vmmrpc.call(vm.port, "status", timeout=10)["state"] == "paused"
     server.post(f"/vms/{vm.record.id}/pause", {})  # a 409, counted as an error
     scrapes = []
     for _ in range(8):
@@ -260,7 +260,7 @@ def test_adopted_vmm_exit_status_after_its_worker_died(
         "gunicorn to replace the killed worker",
     )
     # The VMM outlived its worker, and the new workers see it as it is.
-    assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(vm.port, "status", timeout=10)["state"] == "running"
     assert get_vm(server, vm.record.id)["state"] == "running"
     os.kill(vm.pid, signal.SIGKILL)
     ended = wait_for(

@@ -27,9 +27,9 @@ from typing import Any
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import Vm, boot_body, guest_server, snapshot_body
 from tests.server import Response, Server, processes_under, wait_for
-from vmmgate.infra import rpc
 from vmmgate.infra.procfs import is_same_process
 from vmmgate.model import LIVE_STATES
 
@@ -125,7 +125,7 @@ def run_dirs(server: Server) -> set[Path]:
 
 def status(vm: Vm) -> dict[str, Any]:
     """Return the VMM's own status (the oracle, not the server's registry)."""
-    return rpc.call(vm.port, "status", timeout=30)
+    return vmmrpc.call(vm.port, "status", timeout=30)
 
 
 def slot_holder(server: Server, vm: Vm) -> int | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import (
     BOOT_TIMEOUT,
     COUNTER,
@@ -22,7 +23,6 @@ from tests.e2e.conftest import (
 from tests.e2e.test_lifecycle import error, get_vm, ok
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, make_server, wait_for
-from vmmgate.infra import rpc
 from vmmgate.infra.procfs import is_same_process
 
 
@@ -46,7 +46,7 @@ def _server(state: Path, tmp_path: Path, name: str) -> Server:
 
 def vmm_state(port: int) -> str:
     """Return the run state the VMM itself reports."""
-    return rpc.call(port, "status", timeout=10)["state"]
+    return vmmrpc.call(port, "status", timeout=10)["state"]
 
 
 def restored_console(state: Path, vm_id: str) -> str:

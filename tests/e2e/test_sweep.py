@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import vmmrpc
 from tests.e2e.conftest import (
     BOOT_TIMEOUT,
     COUNTER,
@@ -25,7 +26,6 @@ from tests.e2e.test_lifecycle import ok
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, make_server, wait_for
 from tests.snapfiles import sha256 as digest
-from vmmgate.infra import rpc
 from vmmgate.shared.atomic import TEMP_PREFIX
 from vmmgate.shared.errors import SnapshotFileError
 from vmmgate.shared.snapfile import verify_pair
@@ -94,7 +94,7 @@ def test_server_start_repairs_a_pair_killed_between_the_renames(
         new_cpu, new_mem = snaps / "new.cpu", snaps / "new.mem"
         body = snapshot_body(vm["port"], new_cpu, new_mem, False)
         assert ok(first.post("/snapshot", body))
-        assert rpc.call(vm["port"], "status", timeout=10)["state"] == "paused"
+        assert vmmrpc.call(vm["port"], "status", timeout=10)["state"] == "paused"
     finally:
         first.stop_all_vms()
         first.stop()
@@ -125,7 +125,7 @@ def test_server_start_repairs_a_pair_killed_between_the_renames(
         assert temps(snaps) == []
         assert "previous pair restored" in (tmp_path / "second.log").read_text()
         restored = ok(second.post("/create", restore_body(cpu, mem)))
-        assert rpc.call(restored["port"], "status", timeout=10)["state"] == "running"
+        assert vmmrpc.call(restored["port"], "status", timeout=10)["state"] == "running"
         wait_for(
             lambda: COUNTER.search(console_of(state, restored["id"])),
             BOOT_TIMEOUT,

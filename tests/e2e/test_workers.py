@@ -8,9 +8,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tests import vmmrpc
 from tests.e2e.conftest import Vm, boot_body, snapshot_body
 from tests.server import Server, wait_for
-from vmmgate.infra import rpc
 
 
 def test_ten_concurrent_creates(server: Server, vms: Callable[..., Vm]) -> None:
@@ -20,7 +20,7 @@ def test_ten_concurrent_creates(server: Server, vms: Callable[..., Vm]) -> None:
     assert len({vm.port for vm in created}) == 10
     assert len({vm.pid for vm in created}) == 10
     for vm in created:
-        assert rpc.call(vm.port, "status", timeout=30)["state"] == "running"
+        assert vmmrpc.call(vm.port, "status", timeout=30)["state"] == "running"
 
 
 def test_killed_worker_leaves_its_vms_snapshotable(
@@ -37,7 +37,7 @@ def test_killed_worker_leaves_its_vms_snapshotable(
         60,
         "gunicorn to replace the killed worker",
     )
-    assert rpc.call(vm.port, "status", timeout=10)["state"] == "running"
+    assert vmmrpc.call(vm.port, "status", timeout=10)["state"] == "running"
     vm.wait_counter_above(before)
     response = server.post(
         "/snapshot", snapshot_body(vm.port, snapshots / "c", snapshots / "m", True)

@@ -160,6 +160,10 @@ class Vmm:
     qemu_start: int | None = None
     status: dict = field(default_factory=dict)
     killer: PhaseKiller | None = None
+    #: The RPC secret it was handed (``--auth-fd``), sent with every call; None: none.
+    secret: str | None = None
+    #: The pipe the secret came through, as /proc/<pid>/fd shows it (``pipe:[inode]``).
+    auth_pipe: str | None = None
 
     @property
     def pid(self) -> int:
@@ -167,7 +171,7 @@ class Vmm:
 
     def call(self, method: str, *args: Any, timeout: float = 30) -> Any:
         """Call an RPC method on this VMM (vmmgate's own client: its typed errors)."""
-        return rpc.call(self.port, method, *args, timeout=timeout)
+        return rpc.call(self.port, method, *args, timeout=timeout, secret=self.secret)
 
     def stderr(self) -> str:
         """Return what the VMM logged so far."""
@@ -251,12 +255,28 @@ class VmmPool:
 
     # Starting --------------------------------------------------------------------------
 
-    def spawn(self, args: list[str], console: Path, watch: bool = False) -> Vmm:
+    def spawn(
+        self,
+        args: list[str],
+        console: Path,
+        watch: bool = False,
+        secret: str | None = None,
+    ) -> Vmm:
         """Start a VMM process (not waiting for it) on a fresh port.
 
         ``watch``: its stderr goes through a pipe to a PhaseKiller (``kill_at_phase``).
+        ``secret``: handed over as the server does (a pipe it inherits, ``--auth-fd``).
         """
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        auth: list[int] = []
+        auth_pipe = None
+        if secret is not None:
+            auth_read, auth_write = os.pipe()
+            os.write(auth_write, secret.encode())
+            os.close(auth_write)
+            auth.append(auth_read)
+            auth_pipe = os.readlink(f"/proc/self/fd/{auth_read}")
+            args = [*args, "--auth-fd", str(auth_read)]
         try:
             sock.bind(("127.0.0.1", 0))
             sock.listen(16)
@@ -288,7 +308,7 @@ class VmmPool:
                         stdin=subprocess.DEVNULL,
                         stdout=out,
                         stderr=out,
-                        pass_fds=(fd,),
+                        pass_fds=(fd, *auth),
                         cwd=PROJECT_ROOT,
                         env=self.env,
                     )
@@ -300,6 +320,8 @@ class VmmPool:
         finally:
             # Only the VMM holds the socket now: if it dies, connections are refused.
             sock.close()
+            for auth_fd in auth:
+                os.close(auth_fd)
         vmm = Vmm(
             proc=proc,
             port=port,
@@ -307,6 +329,8 @@ class VmmPool:
             stderr_path=stderr_path,
             argv=argv,
             killer=killer,
+            secret=secret,
+            auth_pipe=auth_pipe,
         )
         self.started.append(vmm)
         return vmm
@@ -330,12 +354,20 @@ class VmmPool:
         return vmm
 
     def boot(
-        self, console: Path, *extra: str, wait_up: bool = True, watch: bool = False
+        self,
+        console: Path,
+        *extra: str,
+        wait_up: bool = True,
+        watch: bool = False,
+        secret: str | None = None,
     ) -> Vmm:
         """Boot the demo guest; wait for RPC and (by default) the boot line."""
         vmm = self.wait_ready(
             self.spawn(
-                ["--kernel", f"path={self.guest.kernel}", *extra], console, watch
+                ["--kernel", f"path={self.guest.kernel}", *extra],
+                console,
+                watch,
+                secret,
             )
         )
         if wait_up:
@@ -343,7 +375,13 @@ class VmmPool:
         return vmm
 
     def restore(
-        self, cpu: Path, memory: Path, console: Path, *extra: str, watch: bool = False
+        self,
+        cpu: Path,
+        memory: Path,
+        console: Path,
+        *extra: str,
+        watch: bool = False,
+        secret: str | None = None,
     ) -> Vmm:
         """Restore a snapshot pair; wait until RPC answers."""
         return self.wait_ready(
@@ -351,6 +389,7 @@ class VmmPool:
                 ["--cpu_path", str(cpu), "--memory_path", str(memory), *extra],
                 console,
                 watch,
+                secret,
             )
         )
 

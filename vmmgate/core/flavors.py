@@ -6,6 +6,9 @@ rest of the server asks it instead of comparing names:
 - the command line (:meth:`Flavor.argv`) and what a launch may ask for;
 - how a VMM gets its port: the bundled VMM inherits a listening socket, an
   original one is given a port the registry reserved;
+- who may drive it: the bundled VMM takes an RPC secret on an inherited
+  descriptor and the snapshot roots (``authenticates``); an original one
+  speaks the original, open protocol;
 - the readiness probe: the bundled VMM's ``status`` RPC, or an accepted connection;
 - the snapshot pair check before a restore, and reading a snapshot's header;
 - the recovery of the snapshot paths after a VMM died while it wrote them;
@@ -35,7 +38,7 @@ from vmmgate.errors import (
 )
 from vmmgate.infra.config import BUNDLED, ORIGINAL, Settings
 from vmmgate.infra.rpc import HOST, VmmClient
-from vmmgate.model import StarterConfig, VmKind
+from vmmgate.model import StarterConfig, VmKind, VmRecord
 from vmmgate.shared import exitcodes, state
 
 #: How the bundled VMM logs why it refused to start.
@@ -54,6 +57,9 @@ class LaunchSpec:
     tap_device: str | None = None
     memory_mib: int | None = None
     vcpus: int | None = None
+    #: The only directories the VMM may write snapshots in (and restore from);
+    #: empty: the VMM is not told (an original-flavor VMM).
+    snapshot_roots: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,8 @@ class Flavor(ABC):
     name: str
     #: Whether the VMM inherits an already listening socket (else: a reserved port).
     inherits_socket: bool
+    #: Whether the VMM takes an RPC secret (``--auth-fd``), required on every call.
+    authenticates: bool
 
     def argv(
         self,
@@ -105,8 +113,12 @@ class Flavor(ABC):
         port: int,
         run_dir: RunDir,
         listen_fd: int | None = None,
+        auth_fd: int | None = None,
     ) -> list[str]:
-        """Return the VMM command line: the original's, then this flavor's options."""
+        """Return the VMM command line: the original's, then this flavor's options.
+
+        ``auth_fd``: the inherited pipe with the VMM's RPC secret (only its number shows).
+        """
         argv = list(command)
         if spec.kind is VmKind.BOOT:
             kernel = f"path={spec.kernel_path}"
@@ -116,11 +128,25 @@ class Flavor(ABC):
         else:
             argv += ["--cpu_path", str(spec.cpu_path)]
             argv += ["--memory_path", str(spec.memory_path)]
-        return argv + ["--port", str(port), *self.options(spec, run_dir, listen_fd)]
+        options = self.options(spec, run_dir, listen_fd, auth_fd)
+        return argv + ["--port", str(port), *options]
+
+    def rpc_secret(self, record: VmRecord) -> str | None:
+        """Return the RPC secret ``record``'s VMM requires (None: it takes none).
+
+        From its run directory: any worker, or the server after a restart, can drive it.
+        """
+        if not self.authenticates:
+            return None
+        return RunDir(Path(record.vm_dir)).rpc_secret()
 
     @abstractmethod
     def options(
-        self, spec: LaunchSpec, run_dir: RunDir, listen_fd: int | None
+        self,
+        spec: LaunchSpec,
+        run_dir: RunDir,
+        listen_fd: int | None,
+        auth_fd: int | None = None,
     ) -> list[str]:
         """Return the options this flavor's VMM takes beyond the original command line."""
 
@@ -133,8 +159,8 @@ class Flavor(ABC):
         """Return ``spec`` with what the server decides for the VMM filled in."""
 
     @abstractmethod
-    def probe(self, port: int, timeout: float, connect_timeout: float) -> Readiness:
-        """Probe once, for at most ``timeout`` seconds, whether the VMM is ready."""
+    def probe(self, client: VmmClient, timeout: float) -> Readiness:
+        """Probe once, for at most ``timeout`` seconds, whether ``client``'s VMM is ready."""
 
     @abstractmethod
     def refusal(self, exit_status: int | None, log_tail: str) -> Exception | None:
@@ -166,12 +192,23 @@ class BundledFlavor(Flavor):
 
     name = BUNDLED
     inherits_socket = True
+    authenticates = True
 
     def options(
-        self, spec: LaunchSpec, run_dir: RunDir, listen_fd: int | None
+        self,
+        spec: LaunchSpec,
+        run_dir: RunDir,
+        listen_fd: int | None,
+        auth_fd: int | None = None,
     ) -> list[str]:
-        """Return the inherited socket, guest size and address, console log and tap."""
+        """Return the inherited socket and secret, snapshot roots, guest size and
+        address, console log and tap."""
         argv = [] if listen_fd is None else ["--listen-fd", str(listen_fd)]
+        if auth_fd is not None:
+            argv += ["--auth-fd", str(auth_fd)]
+        for root in spec.snapshot_roots:
+            # "=" form: a root is one argument even if it could look like an option.
+            argv.append(f"--snapshot-root={root}")
         if spec.kind is VmKind.BOOT:
             if spec.memory_mib is not None:
                 argv += ["--memory", str(spec.memory_mib)]
@@ -191,7 +228,8 @@ class BundledFlavor(Flavor):
         """Everything the API accepts can be expressed."""
 
     def complete(self, spec: LaunchSpec, settings: Settings) -> LaunchSpec:
-        """Fill in the configured guest size of a boot."""
+        """Fill in the snapshot roots, and the configured guest size of a boot."""
+        spec = replace(spec, snapshot_roots=tuple(settings.snapshot_roots))
         if spec.kind is not VmKind.BOOT:
             return spec
         return replace(
@@ -200,9 +238,8 @@ class BundledFlavor(Flavor):
             vcpus=spec.vcpus or settings.default_vcpus,
         )
 
-    def probe(self, port: int, timeout: float, connect_timeout: float) -> Readiness:
+    def probe(self, client: VmmClient, timeout: float) -> Readiness:
         """Ask the VMM's ``status`` RPC; ready once it answers."""
-        client = VmmClient(port, connect_timeout=connect_timeout)
         try:
             return Readiness(client.status(timeout=timeout))
         except RpcTimeout:
@@ -289,9 +326,15 @@ class OriginalFlavor(Flavor):
 
     name = ORIGINAL
     inherits_socket = False
+    #: Its command line has no place for a secret: its RPC stays the original's.
+    authenticates = False
 
     def options(
-        self, spec: LaunchSpec, run_dir: RunDir, listen_fd: int | None
+        self,
+        spec: LaunchSpec,
+        run_dir: RunDir,
+        listen_fd: int | None,
+        auth_fd: int | None = None,
     ) -> list[str]:
         """None: it knows only the original command line."""
         return []
@@ -309,10 +352,10 @@ class OriginalFlavor(Flavor):
         """Leave the guest size to the VMM (its command line cannot set it)."""
         return spec
 
-    def probe(self, port: int, timeout: float, connect_timeout: float) -> Readiness:
+    def probe(self, client: VmmClient, timeout: float) -> Readiness:
         """Ready once the port accepts a connection (it has no ``status`` RPC)."""
         try:
-            with socket.create_connection((HOST, port), timeout=timeout):
+            with socket.create_connection((HOST, client.port), timeout=timeout):
                 return Readiness({})
         except OSError:
             return Readiness(None, min(0.05, timeout))

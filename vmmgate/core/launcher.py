@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import socket
 import sqlite3
 import time
@@ -24,9 +25,10 @@ from collections.abc import Iterator, Mapping
 
 from vmmgate.core.admission import vm_admission
 from vmmgate.core.flavors import Flavor, LaunchSpec
+from vmmgate.core.inherit import port_is_free
 from vmmgate.core.records import VmRecords
 from vmmgate.core.rundir import RunDir, check_state_dir, registry_error
-from vmmgate.core.vmm_handle import VmmHandle, port_is_free
+from vmmgate.core.vmm_handle import VmmHandle
 from vmmgate.errors import LimitExceeded, NoFreePort, VmmStartError
 from vmmgate.infra.config import TOKEN_KEYS, Settings
 from vmmgate.infra.registry import PortTaken, Registry, new_vm_id
@@ -60,14 +62,19 @@ class Launcher:
         return self._launch_with_port(spec)
 
     def _new_handle(self, spec: LaunchSpec) -> VmmHandle:
-        """Pick a VM id and make its run directory (with the start-up script, if any)."""
+        """Pick a VM id and RPC secret, and make the run directory (with the start-up
+        script, if any, and the secret)."""
         vm_id = new_vm_id()
+        # 32 random bytes, as hex text (msgpack-RPC strings): only this server's
+        # workers can read it back (RunDir.rpc_secret), only the VMM receives it.
+        secret = secrets.token_bytes(32).hex() if self.flavor.authenticates else None
         return VmmHandle(
             vm_id,
-            RunDir.make(self.settings.vms_dir, vm_id, spec.starter),
+            RunDir.make(self.settings.vms_dir, vm_id, spec.starter, secret),
             self.flavor,
             connect_timeout=self.settings.rpc_connect_timeout,
             stop_timeout=self.settings.stop_timeout,
+            secret=secret,
         )
 
     def _launch_with_socket(self, spec: LaunchSpec) -> VmRecord:

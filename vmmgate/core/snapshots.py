@@ -103,7 +103,9 @@ class Snapshots:
         check_free_space(
             (cpu.parent, memory.parent), self.settings.limits.snapshot_min_free_mib
         )
-        client = VmmClient.for_settings(record.port, self.settings)
+        client = VmmClient.for_settings(
+            record.port, self.settings, secret=self.flavor.rpc_secret(record)
+        )
         locks = (
             (cpu, f"cpu_snapshot_path {cpu_raw!r}"),
             (memory, f"memory_snapshot_path {memory_raw!r}"),

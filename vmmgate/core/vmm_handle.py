@@ -5,7 +5,9 @@ spawns it (in its own session, so it outlives a gunicorn worker restart, with
 stdout/stderr in its run directory's ``vmm.log``), hands it its listening
 socket, waits until it is ready, reaps it (a daemon thread waits for it: no
 zombies) and stops it: politely (the ``shutdown`` RPC, or SIGTERM before it is
-ready), then after a timeout by force (SIGKILL to its process group). Any
+ready), then after a timeout by force (SIGKILL to its process group). A VMM
+that authenticates gets its RPC secret through a pipe it inherits
+(``--auth-fd``), and every call this handle makes carries it. Any
 worker can rebuild one from a registry row (:meth:`VmmHandle.from_record`) to
 stop a VMM another worker started; only the spawning worker can reap it (after
 that worker dies, the gunicorn master does). Its errors carry their evidence:
@@ -18,16 +20,16 @@ import logging
 import os
 import select
 import signal
-import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from vmmgate.core.flavors import Flavor, LaunchSpec
+from vmmgate.core.inherit import listening_socket, secret_pipe
 from vmmgate.core.rundir import RunDir
 from vmmgate.errors import (
     RpcError,
@@ -36,8 +38,11 @@ from vmmgate.errors import (
     VmmStartError,
 )
 from vmmgate.infra import procfs
-from vmmgate.infra.rpc import HOST, VmmClient
+from vmmgate.infra.rpc import VmmClient
 from vmmgate.model import VmRecord, VmState
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger(__name__)
 
@@ -67,33 +72,6 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 16384) -> str
     return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
 
 
-def listening_socket(port: int = 0) -> socket.socket:
-    """Return a TCP socket bound to 127.0.0.1:``port`` (0: the kernel picks), listening."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if port:
-            # A port an ended VMM had may still have connections in TIME_WAIT;
-            # that must not keep it from being reused (a listener still blocks it).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((HOST, port))
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def port_is_free(port: int) -> bool:
-    """Tell whether 127.0.0.1:``port`` can be bound right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def _wait_pidfd(pidfd: int, timeout: float) -> bool:
     """Wait until the process behind ``pidfd`` has exited; tell whether it did in time."""
     poller = select.poll()
@@ -116,6 +94,7 @@ class VmmHandle:
         ready: bool = False,
         connect_timeout: float = 2.0,
         stop_timeout: float = 10.0,
+        secret: str | None = None,
     ) -> None:
         self.vm_id = vm_id
         self.run_dir = run_dir
@@ -127,6 +106,8 @@ class VmmHandle:
         self.ready = ready
         self.connect_timeout = connect_timeout
         self.stop_timeout = stop_timeout
+        #: The VMM's RPC secret (None: it takes none); kept out of argv and logs.
+        self.secret = secret
         self.argv: list[str] = []
         #: How the VMM exited, once this process reaped it.
         self.exit_status: int | None = None
@@ -142,6 +123,7 @@ class VmmHandle:
             record.id,
             RunDir(Path(record.vm_dir)),
             flavor,
+            secret=flavor.rpc_secret(record),
             port=record.port,
             pid=record.pid,
             pid_start_time=record.pid_start_time,
@@ -208,9 +190,15 @@ class VmmHandle:
         if self._popen is not None:
             raise RuntimeError(f"VMM for {self.vm_id} already started")
         listen_fd = self._sockets[-1].fileno() if self._sockets else None
-        self.argv = self.flavor.argv(command, spec, self.port, self.run_dir, listen_fd)
-        self.log.debug("starting VMM: %s", self.argv)
+        auth_fd = None
         try:
+            if self.secret is not None:
+                auth_fd = secret_pipe(self.secret)
+            self.argv = self.flavor.argv(
+                command, spec, self.port, self.run_dir, listen_fd, auth_fd
+            )
+            self.log.debug("starting VMM: %s", self.argv)
+            inherited = tuple(fd for fd in (listen_fd, auth_fd) if fd is not None)
             with open(self.run_dir.vmm_log, "ab") as out:
                 self._popen = subprocess.Popen(
                     self.argv,
@@ -219,7 +207,7 @@ class VmmHandle:
                     stderr=subprocess.STDOUT,
                     cwd=self.run_dir.path,
                     env=env,
-                    pass_fds=() if listen_fd is None else (listen_fd,),
+                    pass_fds=inherited,
                     start_new_session=True,
                 )
         except OSError as exc:
@@ -231,6 +219,8 @@ class VmmHandle:
             ) from exc
         finally:
             self.close_sockets()
+            if auth_fd is not None:
+                os.close(auth_fd)
         self.pid = self._popen.pid
         # The child cannot be reaped before the reaper thread waits: the pid is ours here.
         self.pid_start_time = procfs.start_time(self.pid)
@@ -279,6 +269,15 @@ class VmmHandle:
 
     # --- readiness --------------------------------------------------------------
 
+    def client(self, timeout: float = 60.0) -> VmmClient:
+        """Return an RPC client for this VMM (with its secret, if it has one)."""
+        return VmmClient(
+            self.port,
+            connect_timeout=self.connect_timeout,
+            timeout=timeout,
+            secret=self.secret,
+        )
+
     def wait_ready(self, timeout: float) -> dict[str, Any]:
         """Probe until the VMM is ready (its status) or ``timeout``; raise with evidence."""
         deadline = time.monotonic() + timeout
@@ -302,9 +301,7 @@ class VmmHandle:
                     argv=self.argv,
                     log_tail=self.log_tail(),
                 )
-            probe = self.flavor.probe(
-                self.port, min(remaining, PROBE_INTERVAL_S), self.connect_timeout
-            )
+            probe = self.flavor.probe(self.client(), min(remaining, PROBE_INTERVAL_S))
             if probe.status is not None:
                 self.ready = True
                 return probe.status
@@ -353,11 +350,7 @@ class VmmHandle:
     def _ask_to_exit(self, pidfd: int, timeout: float) -> str:
         """Ask the VMM to exit: the shutdown RPC once it is ready, else SIGTERM; say which."""
         if self.ready:
-            client = VmmClient(
-                self.port,
-                connect_timeout=self.connect_timeout,
-                timeout=max(0.5, min(timeout, 5.0)),
-            )
+            client = self.client(max(0.5, min(timeout, 5.0)))
             try:
                 client.shutdown()
                 return "shutdown"

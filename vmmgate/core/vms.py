@@ -275,4 +275,6 @@ class Vms:
 
     def _client(self, record: VmRecord, timeout: float | None = None) -> VmmClient:
         """Return an RPC client for ``record``'s VMM with the configured timeouts."""
-        return VmmClient.for_settings(record.port, self.settings, timeout)
+        return VmmClient.for_settings(
+            record.port, self.settings, timeout, secret=self.flavor.rpc_secret(record)
+        )

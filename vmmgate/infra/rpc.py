@@ -11,7 +11,9 @@ Built on msgpack-rpc-python 0.4.1 (tornado 4 underneath), with what it lacks:
   epoll fd, waker pipe or socket leaks, and calls in different threads never
   share a loop;
 - typed errors from :mod:`vmmgate.errors`; a remote error's ``kind`` is the
-  prefix of the VMM's message ("invalid", "conflict", "io", "internal").
+  prefix of the VMM's message ("invalid", "conflict", "io", "internal");
+- the VMM's secret, when it has one, sent as every call's first argument
+  (docs/vmm-protocol.md, "Access").
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ _REMOTE_KINDS: dict[str, type[RpcRemoteError]] = {
     "conflict": RemoteConflict,
     "io": RemoteIOError,
     "internal": RemoteInternal,
+    # The VMM refused our secret: a fault of this server (its key file), not the caller's.
+    "unauthorized": RemoteInternal,
 }
 _NO_SPACE_MARKERS = (
     "enospc",
@@ -118,11 +122,15 @@ def call(
     *args: Any,
     connect_timeout: float = 2.0,
     timeout: float = 60.0,
+    secret: str | None = None,
 ) -> Any:
     """Call ``method(*args)`` on the VMM at 127.0.0.1:``port`` and return its result.
 
+    ``secret``: the VMM's, sent as the first argument (None: the original protocol).
     Raises RpcUnreachable, RpcTimeout, RpcConnectionLost or an RpcRemoteError subclass.
     """
+    if secret is not None:
+        args = (secret, *args)
     io = ioloop.IOLoop(make_current=False)
     builder = _Builder()
     client = None
@@ -193,21 +201,36 @@ class VmmClient:
     """The RPC methods of vmmgate's VMM, bound to one port and its timeouts."""
 
     def __init__(
-        self, port: int, *, connect_timeout: float = 2.0, timeout: float = 60.0
+        self,
+        port: int,
+        *,
+        connect_timeout: float = 2.0,
+        timeout: float = 60.0,
+        secret: str | None = None,
     ) -> None:
         self.port = port
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self._secret = secret
+
+    def __repr__(self) -> str:
+        # Never the secret: a client may end up in a log line or a traceback.
+        return f"VmmClient(port={self.port}, secret={'set' if self._secret else None})"
 
     @classmethod
     def for_settings(
-        cls, port: int, settings: Settings, timeout: float | None = None
+        cls,
+        port: int,
+        settings: Settings,
+        timeout: float | None = None,
+        secret: str | None = None,
     ) -> VmmClient:
         """Return a client with the configured timeouts (``timeout`` overrides the call one)."""
         return cls(
             port,
             connect_timeout=settings.rpc_connect_timeout,
             timeout=settings.rpc_timeout if timeout is None else timeout,
+            secret=secret,
         )
 
     def call(self, method: str, *args: Any, timeout: float | None = None) -> Any:
@@ -218,6 +241,7 @@ class VmmClient:
             *args,
             connect_timeout=self.connect_timeout,
             timeout=self.timeout if timeout is None else timeout,
+            secret=self._secret,
         )
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:

@@ -11,6 +11,12 @@ instead. Every name this module creates is ``TEMP_PREFIX`` + the writer's pid +
 ``Undo`` gives the file about to be replaced a second name first, so a
 replacement of two files (a snapshot pair) that a crash interrupts halfway can
 be put back (``vmmgate.shared.recovery``).
+
+Each takes an optional ``dir_fd``: the target's directory, already open. Then
+every name is looked up relative to it (``openat``, ``linkat``, ``renameat``,
+``unlinkat``; the path only supplies the final component), so nothing is ever
+reopened by a path whose directories could have been swapped meanwhile.
+Without it, the path is used as it is (the recovery, which works by path).
 """
 
 from __future__ import annotations
@@ -49,8 +55,33 @@ def temp_name(target: Path) -> Path:
     return target.parent / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{kept}"
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
+def at(path: Path, dir_fd: int | None) -> str | Path:
+    """What an ``*at()`` call takes for ``path``: its name within ``dir_fd``, else the path."""
+    return path.name if dir_fd is not None else path
+
+
+def exists(path: Path, dir_fd: int | None = None) -> bool:
+    """Tell whether anything, a dangling symlink too, has the name ``path``."""
+    try:
+        os.stat(at(path, dir_fd), dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def unlink(path: Path, dir_fd: int | None = None) -> None:
+    """Remove the name ``path`` if it exists."""
+    try:
+        os.unlink(at(path, dir_fd), dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_dir(directory: Path, dir_fd: int | None = None) -> None:
+    """Make a rename in ``directory`` (open at ``dir_fd``, if given) durable."""
+    if dir_fd is not None:
+        os.fsync(dir_fd)
+        return
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -63,33 +94,50 @@ _AT_EMPTY_PATH = 0x1000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _link_fd(fd: int, target: Path) -> None:
+def _link_fd(fd: int, target: Path, dir_fd: int | None = None) -> None:
     """Give the unnamed file at ``fd`` the name ``target`` (linkat AT_EMPTY_PATH)."""
-    if _libc.linkat(fd, b"", _AT_FDCWD, os.fsencode(target), _AT_EMPTY_PATH) == 0:
+    name = os.fsencode(at(target, dir_fd))
+    where = _AT_FDCWD if dir_fd is None else dir_fd
+    if _libc.linkat(fd, b"", where, name, _AT_EMPTY_PATH) == 0:
         return
     err = ctypes.get_errno()
     if err not in (errno.ENOENT, errno.EPERM):
         raise OSError(err, os.strerror(err), str(target))
     # Without CAP_DAC_READ_SEARCH, the /proc link works on most systems.
-    os.link(f"/proc/self/fd/{fd}", target, follow_symlinks=True)
+    os.link(
+        f"/proc/self/fd/{fd}",
+        at(target, dir_fd),
+        dst_dir_fd=dir_fd,
+        follow_symlinks=True,
+    )
 
 
 class AtomicFile:
-    """A file being written that will replace ``target`` on commit."""
+    """A file being written that will replace ``target`` on commit.
 
-    def __init__(self, target: Path, mode: int = 0o600):
+    ``dir_fd``: ``target``'s directory, open; every name is then taken within it.
+    """
+
+    def __init__(self, target: Path, mode: int = 0o600, *, dir_fd: int | None = None):
         self.target = Path(target)
+        self.dir_fd = dir_fd
         self.fd = -1
         self._named: Path | None = None
-        directory = self.target.parent
+        # O_TMPFILE on the directory itself: "." within dir_fd, else its path.
+        directory = "." if dir_fd is not None else self.target.parent
+        flags = os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC
         try:
-            self.fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, mode)
+            self.fd = os.open(directory, flags, mode, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
             self._named = temp_name(self.target)
+            # O_EXCL: never through a symlink planted at the name.
             self.fd = os.open(
-                self._named, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, mode
+                at(self._named, dir_fd),
+                os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC,
+                mode,
+                dir_fd=dir_fd,
             )
 
     def commit(self, sync_dir: bool = True) -> None:
@@ -99,18 +147,25 @@ class AtomicFile:
         several files back to back).
         """
         os.fsync(self.fd)
+        dir_fd = self.dir_fd
         if self._named is None:
             temp = temp_name(self.target)
-            _link_fd(self.fd, temp)
+            _link_fd(self.fd, temp, dir_fd)
         else:
             temp, self._named = self._named, None
         try:
-            os.replace(temp, self.target)
+            # rename() replaces the final component itself, never what a symlink names.
+            os.replace(
+                at(temp, dir_fd),
+                at(self.target, dir_fd),
+                src_dir_fd=dir_fd,
+                dst_dir_fd=dir_fd,
+            )
         except BaseException:
-            temp.unlink(missing_ok=True)
+            unlink(temp, dir_fd)
             raise
         if sync_dir:
-            fsync_dir(self.target.parent)
+            fsync_dir(self.target.parent, dir_fd)
 
     def close(self) -> None:
         """Close the file; an uncommitted one disappears."""
@@ -118,7 +173,7 @@ class AtomicFile:
             os.close(self.fd)
             self.fd = -1
         if self._named is not None:
-            self._named.unlink(missing_ok=True)
+            unlink(self._named, self.dir_fd)
             self._named = None
 
     def __enter__(self) -> Self:
@@ -138,49 +193,66 @@ class Undo:
     files of one directory leaves entries a recovery can tell apart.
     """
 
-    def __init__(self, target: Path) -> None:
+    def __init__(self, target: Path, *, dir_fd: int | None = None) -> None:
         self.target = Path(target)
+        self.dir_fd = dir_fd
         stem = f"{TEMP_PREFIX}{os.getpid()}"
         token = f"{secrets.token_hex(6)}-{_kept(self.target)}"
         self.entry = self.target.parent / f"{stem}{UNDO_PREVIOUS}{token}"
         try:
-            os.link(self.target, self.entry, follow_symlinks=False)
+            os.link(
+                at(self.target, dir_fd),
+                at(self.entry, dir_fd),
+                src_dir_fd=dir_fd,
+                dst_dir_fd=dir_fd,
+                follow_symlinks=False,
+            )
         except FileNotFoundError:
             self.entry = self.target.parent / f"{stem}{UNDO_ABSENT}{token}"
             os.close(
                 os.open(
-                    self.entry,
+                    at(self.entry, dir_fd),
                     os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
                     0o600,
+                    dir_fd=dir_fd,
                 )
             )
 
     def roll_back(self) -> None:
         """Put the previous file (or its absence) back at the target."""
-        roll_back(self.entry, self.target)
+        roll_back(self.entry, self.target, self.dir_fd)
 
     def discard(self) -> None:
         """Forget the previous file (the replacement is complete)."""
-        self.entry.unlink(missing_ok=True)
+        unlink(self.entry, self.dir_fd)
 
 
-def roll_back(entry: Path, target: Path) -> None:
-    """Restore ``target`` from an Undo ``entry`` (even one left by a dead writer)."""
+def roll_back(entry: Path, target: Path, dir_fd: int | None = None) -> None:
+    """Restore ``target`` from an Undo ``entry`` (even one left by a dead writer).
+
+    ``dir_fd``: their directory, open (both names are in it).
+    """
     if UNDO_PREVIOUS in entry.name:
-        if not _same_file(entry, target):
-            os.replace(entry, target)
+        if not _same_file(entry, target, dir_fd):
+            os.replace(
+                at(entry, dir_fd),
+                at(target, dir_fd),
+                src_dir_fd=dir_fd,
+                dst_dir_fd=dir_fd,
+            )
         # Two names of one file: rename() does nothing, the entry is left to remove.
-        entry.unlink(missing_ok=True)
+        unlink(entry, dir_fd)
     else:
-        target.unlink(missing_ok=True)
-        entry.unlink(missing_ok=True)
-    fsync_dir(target.parent)
+        unlink(target, dir_fd)
+        unlink(entry, dir_fd)
+    fsync_dir(target.parent, dir_fd)
 
 
-def _same_file(one: Path, other: Path) -> bool:
+def _same_file(one: Path, other: Path, dir_fd: int | None = None) -> bool:
     """Tell whether two names are links to one file (the target was never replaced)."""
     try:
-        a, b = os.lstat(one), os.lstat(other)
+        a = os.stat(at(one, dir_fd), dir_fd=dir_fd, follow_symlinks=False)
+        b = os.stat(at(other, dir_fd), dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)

@@ -96,11 +96,18 @@ def _is_pair(cpu_path: Path, memory_path: Path) -> bool:
 PLAN_TAG = "-plan-"
 
 
-def write_plan(cpu_path: Path, memory_path: Path, memory_absent: bool = False) -> Path:
+def write_plan(
+    cpu_path: Path,
+    memory_path: Path,
+    memory_absent: bool = False,
+    *,
+    dir_fd: int | None = None,
+) -> Path:
     """Record, beside the memory file, which pair this process is about to replace.
 
     ``memory_absent``: there is no memory file yet. The plan then stands for an
     ``atomic.Undo`` marker of that absence (one file fewer on a full file system).
+    ``dir_fd``: the memory file's directory, open (the plan is created in it).
     """
     cpu_path, memory_path = Path(cpu_path).absolute(), Path(memory_path).absolute()
     plan = memory_path.parent / (
@@ -113,7 +120,12 @@ def write_plan(cpu_path: Path, memory_path: Path, memory_absent: bool = False) -
             "memory_absent": memory_absent,
         }
     ).encode()
-    fd = os.open(plan, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    fd = os.open(
+        atomic.at(plan, dir_fd),
+        os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+        0o600,
+        dir_fd=dir_fd,
+    )
     try:
         if os.write(fd, body) != len(body):
             raise OSError(28, "short write", str(plan))
@@ -121,7 +133,7 @@ def write_plan(cpu_path: Path, memory_path: Path, memory_absent: bool = False) -
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        plan.unlink(missing_ok=True)
+        atomic.unlink(plan, dir_fd)
         raise
     os.close(fd)
     return plan

@@ -26,6 +26,7 @@ import json
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,10 +169,19 @@ def check_memory_file(
         )
 
 
-def _open_regular(path: Path, what: str) -> int:
-    """Open ``path`` read-only, refusing anything but a regular file."""
+#: Opens a snapshot file read-only and returns its descriptor (OSError as os.open).
+Opener = Callable[[Path, str], int]
+
+
+def open_by_path(path: Path, what: str) -> int:
+    """Open ``path`` read-only by its path (symlinks followed, as any reader does)."""
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+
+
+def _open_regular(path: Path, what: str, opener: Opener = open_by_path) -> int:
+    """Open ``path`` read-only with ``opener``, refusing anything but a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        fd = opener(path, what)
     except FileNotFoundError:
         raise SnapshotFileError(f"{what} {str(path)!r} does not exist") from None
     except OSError as exc:
@@ -185,13 +195,16 @@ def _open_regular(path: Path, what: str) -> int:
 
 
 def open_pair(
-    cpu_path: str | Path, memory_path: str | Path
+    cpu_path: str | Path, memory_path: str | Path, opener: Opener = open_by_path
 ) -> tuple[CpuHeader, int, int]:
-    """Open and verify a snapshot pair; return (header, cpu_fd, memory_fd). Caller closes."""
-    cpu_fd = _open_regular(Path(cpu_path), "CPU snapshot file")
+    """Open and verify a snapshot pair; return (header, cpu_fd, memory_fd). Caller closes.
+
+    ``opener`` opens each file (the VMM's confines it to its snapshot roots).
+    """
+    cpu_fd = _open_regular(Path(cpu_path), "CPU snapshot file", opener)
     try:
         header = read_cpu_header(cpu_fd)
-        mem_fd = _open_regular(Path(memory_path), "memory snapshot file")
+        mem_fd = _open_regular(Path(memory_path), "memory snapshot file", opener)
     except BaseException:
         os.close(cpu_fd)
         raise

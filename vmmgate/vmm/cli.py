@@ -2,6 +2,9 @@
 
 fresh boot: --kernel path=KERNEL[,starter_file=FILE] --port PORT
 restore:    --cpu_path CPU_SNAPSHOT --memory_path MEMORY_SNAPSHOT --port PORT
+
+A server adds --auth-fd (every RPC call must then carry the secret read from
+it) and --snapshot-root (snapshots only below these directories).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from vmmgate.shared import exitcodes
 from vmmgate.shared.state import guest_dir
 from vmmgate.vmm.accel import ACCELS
+from vmmgate.vmm.access import SnapshotRoots, read_secret
 from vmmgate.vmm.errors import InvalidRequest, VmmError
 from vmmgate.vmm.listener import listening_socket
 from vmmgate.vmm.machine import KernelBoot, check_guest_ip
@@ -116,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="without --tap: user-mode networking with SSH forwarded (user), or none")  # fmt: skip
     p.add_argument("--accel", choices=ACCELS, default=os.environ.get("VMMGATE_ACCEL", "auto"),
                    help="accelerator; auto probes KVM and falls back to TCG")  # fmt: skip
+    p.add_argument("--auth-fd", type=int, metavar="FD",
+                   help="read the RPC secret from this inherited descriptor (to its end); "
+                        "every call must then pass it as its first argument")  # fmt: skip
+    p.add_argument("--snapshot-root", action="append", default=[], metavar="DIR",
+                   help="write and restore snapshots only below DIR (repeatable; none: "
+                        "anywhere), never through a symlink below it")  # fmt: skip
     p.add_argument(
         "-v", "--verbose", action="store_true", help="log QEMU's command line"
     )
@@ -137,6 +147,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("a restore needs both --cpu_path and --memory_path")
     if restore and args.guest_ip:
         parser.error("--guest-ip is for a boot; a restore takes it from the snapshot")
+    if args.auth_fd is not None:
+        # Read (and closed) first of all, so nothing started later inherits it.
+        try:
+            args.secret = read_secret(args.auth_fd)
+        except ValueError as exc:
+            parser.error(f"--auth-fd {args.auth_fd}: {exc}")
+    else:
+        args.secret = None
+    args.roots = SnapshotRoots(args.snapshot_root)
     return args
 
 
@@ -153,10 +172,11 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
         )
         return VirtualMachine.boot(boot, args.memory, args.vcpus, console, tap=args.tap,
                                    net_mode=args.net, accel=args.accel,
-                                   guest_ip=args.guest_ip)  # fmt: skip
+                                   guest_ip=args.guest_ip, roots=args.roots)  # fmt: skip
     return VirtualMachine.restore(Path(args.cpu_path).absolute(),
                                   Path(args.memory_path).absolute(), console,
-                                  tap=args.tap, accel=args.accel)  # fmt: skip
+                                  tap=args.tap, accel=args.accel,
+                                  roots=args.roots)  # fmt: skip
 
 
 def _import_rpc_stack() -> None:
@@ -213,4 +233,4 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     from vmmgate.vmm import runner
 
-    return runner.VmmService(vm, sock, args.port).run()
+    return runner.VmmService(vm, sock, args.port, secret=args.secret).run()

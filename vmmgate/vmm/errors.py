@@ -8,6 +8,7 @@ Each error has a ``kind`` that travels over RPC as the message prefix
     │   └── SnapshotFileError     kind "invalid"   a CPU/memory file that cannot be restored
     ├── Conflict                  kind "conflict"  not possible in the VM's current state
     ├── SnapshotIOError           kind "io"        the snapshot could not be written
+    ├── Unauthorized              kind "unauthorized"  a call without this VMM's secret
     └── QemuError                 kind "internal"  QEMU failed or misbehaved
         └── QemuLaunchError                        QEMU did not start (carries evidence)
 
@@ -28,6 +29,7 @@ __all__ = [
     "QemuLaunchError",
     "SnapshotFileError",
     "SnapshotIOError",
+    "Unauthorized",
     "VmmError",
 ]
 
@@ -42,6 +44,12 @@ class SnapshotIOError(VmmError, OSError):
     """Writing a snapshot failed (disk full, directory not writable, ...)."""
 
     kind = "io"
+
+
+class Unauthorized(VmmError):
+    """A call without this VMM's secret (a VMM launched with ``--auth-fd``)."""
+
+    kind = "unauthorized"
 
 
 class QemuError(VmmError):

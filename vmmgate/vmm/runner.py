@@ -38,7 +38,13 @@ def _absolute(path: object, what: str) -> Path:
 class VmmService:
     """Binds the RPC methods to one VirtualMachine and owns the event loop."""
 
-    def __init__(self, vm: VirtualMachine, sock: socket.socket, port: int):
+    def __init__(
+        self,
+        vm: VirtualMachine,
+        sock: socket.socket,
+        port: int,
+        secret: str | None = None,
+    ):
         self.vm = vm
         self.port = port
         self.exit_code = exitcodes.OK
@@ -49,7 +55,7 @@ class VmmService:
             "pause": self.pause,
             "resume": self.resume,
             "shutdown": self.shutdown,
-        }))  # fmt: skip
+        }, secret))  # fmt: skip
 
     # RPC methods -------------------------------------------------------------
 

@@ -5,6 +5,12 @@ QEMU skips the shared RAM block and writes only vCPU and device state, to a
 descriptor we hand it (``fd:`` URI, so no shell is involved). This module
 copies the RAM itself. Both files are written unnamed and renamed into place
 only once complete and synced (vmmgate.shared.atomic).
+
+The two targets' directories are opened once, before the VM is paused
+(:func:`check_targets`, confined to the VMM's snapshot roots by
+:mod:`vmmgate.vmm.access`), and every later step (temporaries, plan, second
+names, renames, syncs) works relative to those descriptors: nothing is checked
+by one path and then reopened by it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmmgate.shared import recovery
-from vmmgate.shared.atomic import AtomicFile, Undo, fsync_dir
+from vmmgate.shared.atomic import AtomicFile, Undo, exists, fsync_dir, unlink
 from vmmgate.shared.errors import SnapshotFileError
 from vmmgate.shared.snapfile import (
     STREAM_OFFSET,
@@ -31,9 +37,10 @@ from vmmgate.shared.snapfile import (
     read_cpu_header,
 )
 from vmmgate.vmm import ramcopy
-from vmmgate.vmm.errors import InvalidRequest, SnapshotIOError
+from vmmgate.vmm.errors import SnapshotIOError
 from vmmgate.vmm.machine import QemuMachine
 from vmmgate.vmm.migration import save_device_state
+from vmmgate.vmm.targets import Target, Targets
 
 log = logging.getLogger(__name__)
 
@@ -68,73 +75,19 @@ def _stream_sha256(fd: int, length: int) -> str:
     return digest.hexdigest()
 
 
-#: Directories this process has swept already (once each, at its first snapshot there).
-_swept: set[Path] = set()
-
-
-def sweep_once(*directories: Path) -> None:
-    """Repair what dead writers left in ``directories``, once per directory.
-
-    Runs at a VMM's first snapshot into a directory (before the VM is paused),
-    so that a VMM driven without a server repairs an interrupted pair too,
-    and a restore's start-up does no extra work.
-    """
-    todo = [d for d in dict.fromkeys(directories) if d not in _swept]
-    if not todo:
-        return
-    try:
-        report = recovery.sweep(todo)
-    except OSError as exc:
-        # Not this snapshot's business to fail on: the next first snapshot retries.
-        log.error("sweep of %s failed: %s", ", ".join(map(str, todo)), exc)
-        return
-    _swept.update(todo)
-    for cpu_path, memory_path, rolled_back in report.repaired:
-        log.warning(
-            "sweep: interrupted snapshot at %s + %s: %s",
-            cpu_path,
-            memory_path,
-            "previous pair restored" if rolled_back else "new pair kept",
-        )
-    if report.removed:
-        log.info("sweep: removed %d leftovers of dead writers", len(report.removed))
-
-
-def check_targets(cpu_path: Path, memory_path: Path, need_bytes: int) -> None:
-    """Refuse targets that cannot work before the VM is paused."""
-    if cpu_path == memory_path:
-        raise InvalidRequest("the CPU and memory snapshot paths are the same file")
-    for path in {cpu_path.parent, memory_path.parent}:
-        if not path.is_dir():
-            raise SnapshotIOError(
-                f"cannot write a snapshot into {str(path)!r}: no such directory"
-            )
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise SnapshotIOError(
-                f"cannot write a snapshot into {str(path)!r}: permission denied"
-            )
-    for path in (cpu_path, memory_path):
-        if path.exists() and not path.is_file():
-            raise InvalidRequest(f"{str(path)!r} exists and is not a regular file")
-    sweep_once(cpu_path.parent.absolute(), memory_path.parent.absolute())
-    stats = os.statvfs(memory_path.parent)
-    free = stats.f_bavail * stats.f_frsize
-    if free < need_bytes:
-        raise SnapshotIOError(
-            f"not enough free space in {str(memory_path.parent)!r} for the snapshot: "
-            f"need about {need_bytes >> 20} MiB, {free >> 20} MiB free",
-        )
-
-
 def size_estimate(machine: QemuMachine) -> int:
     """Return about how many bytes a snapshot of ``machine`` will take on disk."""
     return os.fstat(machine.ram_fd).st_blocks * 512 + DISK_SLACK
 
 
-def _hold(path: Path) -> int | None:
-    """Return an O_PATH descriptor keeping the file at ``path`` alive, or None."""
+def _hold(target: Target) -> int | None:
+    """Return an O_PATH descriptor keeping the file at ``target`` alive, or None."""
     try:
-        return os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return os.open(
+            target.path.name,
+            os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=target.dir_fd,
+        )
     except OSError:
         return None
 
@@ -177,21 +130,24 @@ class _Absent:
     more files than the pair, the plan and nothing else.
     """
 
-    def __init__(self, target: Path) -> None:
-        self.target = target
+    def __init__(self, target: Target) -> None:
+        self.target = target.path
+        self.dir_fd = target.dir_fd
 
     def roll_back(self) -> None:
         """Remove the file renamed to the target, if any."""
-        self.target.unlink(missing_ok=True)
-        fsync_dir(self.target.parent)
+        unlink(self.target, self.dir_fd)
+        fsync_dir(self.target.parent, self.dir_fd)
 
     def discard(self) -> None:
         """Nothing to forget."""
 
 
-def _previous(target: Path) -> Undo | _Absent:
+def _previous(target: Target) -> Undo | _Absent:
     """Keep what ``target`` holds now, for a roll-back."""
-    return Undo(target) if os.path.lexists(target) else _Absent(target)
+    if exists(target.path, target.dir_fd):
+        return Undo(target.path, dir_fd=target.dir_fd)
+    return _Absent(target)
 
 
 def _roll_back(undos: list[Undo | _Absent]) -> list[Undo | _Absent]:
@@ -207,27 +163,34 @@ def _roll_back(undos: list[Undo | _Absent]) -> list[Undo | _Absent]:
     return failed
 
 
-def _fsync_dirs(*paths: Path) -> None:
-    """Make the renames of ``paths`` durable (each directory once)."""
-    for directory in dict.fromkeys(path.parent for path in paths):
-        fsync_dir(directory)
+def _fsync_dirs(*targets: Target) -> None:
+    """Make the renames into the targets' directories durable (each directory once)."""
+    synced: set[Path] = set()
+    for target in targets:
+        if target.path.parent not in synced:
+            fsync_dir(target.path.parent, target.dir_fd)
+            synced.add(target.path.parent)
 
 
 def write_snapshot(
-    machine: QemuMachine, cpu_path: Path, memory_path: Path,
-    describe: dict,
-) -> SnapshotResult:  # fmt: skip
-    """Write the paused VM to a new pair at the two paths; all or nothing.
+    machine: QemuMachine, targets: Targets, describe: dict
+) -> SnapshotResult:
+    """Write the paused VM to a new pair at the two targets; all or nothing.
 
-    ``describe`` holds the header fields the VM knows (vcpus, machine, accel, net,
-    qemu_version).
+    ``targets`` come from :func:`check_targets`. ``describe`` holds the header
+    fields the VM knows (vcpus, machine, accel, net, qemu_version).
     """
+    cpu, memory = targets.cpu, targets.memory
+    cpu_path, memory_path = cpu.path, memory.path
     started = time.perf_counter()
     memory_size = machine.spec.memory_mib * 1024 * 1024
     snapshot_id = uuid.uuid4().hex
     phases: dict[str, float] = {}
     try:
-        with AtomicFile(cpu_path) as cpu_file, AtomicFile(memory_path) as mem_file:
+        with (
+            AtomicFile(cpu_path, dir_fd=cpu.dir_fd) as cpu_file,
+            AtomicFile(memory_path, dir_fd=memory.dir_fd) as mem_file,
+        ):
             _phase("device_state")
             stream_length = save_device_state(machine, cpu_file.fd)
             phases["device_state"] = time.perf_counter() - started
@@ -265,21 +228,24 @@ def write_snapshot(
             # (new RAM beside the old CPU file) is undone by whoever cleans up after
             # this process (vmmgate.shared.recovery: the server, or a later sweep).
             plan = recovery.write_plan(
-                cpu_path, memory_path, memory_absent=not os.path.lexists(memory_path)
+                cpu_path,
+                memory_path,
+                memory_absent=not exists(memory_path, memory.dir_fd),
+                dir_fd=memory.dir_fd,
             )
             # Held only once the plan is written: a plan that fails (ENOSPC) then
             # leaves no descriptor open in this long-lived process.
-            replaced = [_hold(memory_path), _hold(cpu_path)]
+            replaced = [_hold(memory), _hold(cpu)]
             undos: list[Undo | _Absent] = []
             kept: list[Undo | _Absent] = []
             try:
-                undos.append(_previous(memory_path))
-                undos.append(_previous(cpu_path))
+                undos.append(_previous(memory))
+                undos.append(_previous(cpu))
                 # Memory first: a crash between the renames leaves a pair that is refused
                 # as mismatched, never a CPU file that points at the wrong RAM silently.
                 mem_file.commit(sync_dir=False)
                 cpu_file.commit(sync_dir=False)
-                _fsync_dirs(cpu_path, memory_path)
+                _fsync_dirs(cpu, memory)
             except BaseException:
                 # Also when a directory fsync fails: the error says "not written",
                 # so the previous pair goes back and no name of ours is left.
@@ -293,7 +259,7 @@ def write_snapshot(
                     if undo not in kept:
                         undo.discard()
                 if not kept:
-                    plan.unlink(missing_ok=True)
+                    unlink(plan, memory.dir_fd)
             phases["rename"] = time.perf_counter() - started - sum(phases.values())
             _phase("committed")
     except OSError as exc:

@@ -19,6 +19,7 @@ from vmmgate.shared import consolelog
 from vmmgate.shared.snapfile import CpuHeader, open_pair
 from vmmgate.vmm import accel as accel_mod
 from vmmgate.vmm import migration, ramcopy
+from vmmgate.vmm.access import SnapshotRoots
 from vmmgate.vmm.errors import Conflict, InvalidRequest
 from vmmgate.vmm.machine import (
     KernelBoot,
@@ -80,8 +81,15 @@ def network_for(tap: str | None, net_mode: str, guest_ip: str | None = None) -> 
 class VirtualMachine:
     """A running QEMU guest and the operations the VMM offers on it."""
 
-    def __init__(self, machine: QemuMachine, origin: dict[str, str]):
+    def __init__(
+        self,
+        machine: QemuMachine,
+        origin: dict[str, str],
+        roots: SnapshotRoots | None = None,
+    ):
         self.machine = machine
+        #: Where snapshots may be written (none given: anywhere, as the original).
+        self.roots = roots or SnapshotRoots()
         #: Where the VM came from, as ``status`` reports it: ``kind`` ("kernel" or
         #: "snapshot") and the kernel, or the pair and its snapshot id.
         self.origin = origin
@@ -93,7 +101,8 @@ class VirtualMachine:
     @classmethod
     def boot(cls, boot: KernelBoot, memory_mib: int, vcpus: int, console_log: Path,
              tap: str | None = None, net_mode: str = "user", accel: str = "auto",
-             guest_ip: str | None = None) -> VirtualMachine:  # fmt: skip
+             guest_ip: str | None = None,
+             roots: SnapshotRoots | None = None) -> VirtualMachine:  # fmt: skip
         """Boot a fresh guest from a kernel."""
         for label, path in (("kernel", boot.kernel), ("initrd", boot.initrd),
                             ("starter file", boot.starter)):  # fmt: skip
@@ -113,14 +122,22 @@ class VirtualMachine:
         except BaseException:
             machine.close()
             raise
-        return cls(machine, {"kind": "kernel", "kernel": str(boot.kernel)})
+        return cls(machine, {"kind": "kernel", "kernel": str(boot.kernel)}, roots)
 
     @classmethod
     def restore(cls, cpu_path: Path, memory_path: Path, console_log: Path,
-                tap: str | None = None, accel: str = "auto") -> VirtualMachine:  # fmt: skip
-        """Restore a guest from a snapshot pair; the files are only read, never changed."""
+                tap: str | None = None, accel: str = "auto",
+                roots: SnapshotRoots | None = None) -> VirtualMachine:  # fmt: skip
+        """Restore a guest from a snapshot pair; the files are only read, never changed.
+
+        With ``roots``, both files are opened below them without following a symlink.
+        """
         marks = [("start", time.perf_counter())]
-        header, cpu_fd, mem_fd = open_pair(cpu_path, memory_path)
+        roots = roots or SnapshotRoots()
+        if roots.confined:
+            header, cpu_fd, mem_fd = open_pair(cpu_path, memory_path, roots.open_file)
+        else:
+            header, cpu_fd, mem_fd = open_pair(cpu_path, memory_path)
         marks.append(("check_pair", time.perf_counter()))
         try:
             net = _restore_network(header, tap)
@@ -162,7 +179,7 @@ class VirtualMachine:
                  time.time())  # fmt: skip
         origin = {"kind": "snapshot", "cpu_path": str(cpu_path),
                   "memory_path": str(memory_path), "snapshot_id": header.snapshot_id}  # fmt: skip
-        return cls(machine, origin)
+        return cls(machine, origin, roots)
 
     def pause(self) -> None:
         """Pause the guest's vCPUs."""
@@ -187,23 +204,25 @@ class VirtualMachine:
         """
         # Imported here, off a restore's critical path (cli.py loads it meanwhile).
         from vmmgate.vmm import snapshot as snap
+        from vmmgate.vmm.targets import check_targets
 
-        snap.check_targets(cpu_path, memory_path, snap.size_estimate(self.machine))
-        was_running = self.state is VmState.RUNNING
-        if not was_running:
-            self._leave_postmigrate()
-        if was_running:
-            self.machine.qmp("stop")
-            self.state = VmState.PAUSED
-        try:
-            result = snap.write_snapshot(
-                self.machine, cpu_path, memory_path, self._describe()
-            )
-        except BaseException:
-            if was_running and self.machine.poll() is None:
-                self.machine.qmp("cont")
-                self.state = VmState.RUNNING
-            raise
+        need = snap.size_estimate(self.machine)
+        # The directories are opened (and checked) once, here, and written through
+        # those descriptors: a path swapped after this point is never followed.
+        with check_targets(cpu_path, memory_path, need, self.roots) as targets:
+            was_running = self.state is VmState.RUNNING
+            if not was_running:
+                self._leave_postmigrate()
+            if was_running:
+                self.machine.qmp("stop")
+                self.state = VmState.PAUSED
+            try:
+                result = snap.write_snapshot(self.machine, targets, self._describe())
+            except BaseException:
+                if was_running and self.machine.poll() is None:
+                    self.machine.qmp("cont")
+                    self.state = VmState.RUNNING
+                raise
         self.snapshots_taken += 1
         if resume:
             self.machine.qmp("cont")
