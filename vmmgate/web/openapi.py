@@ -21,7 +21,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, Response, current_app, jsonify, request
 from marshmallow import Schema
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from vmmgate.errors import BodyTimeout
 from vmmgate.web import metrics, schemas, vm_schemas
@@ -175,14 +175,17 @@ def read_body() -> bytes:
     """
     try:
         return _read_body()
-    except TimeoutError as exc:
+    except (TimeoutError, ClientDisconnected) as exc:
         # The worker's socket timeout (VMMGATE_IO_TIMEOUT): the client stopped
-        # sending mid-body. The worker then drops the connection when it tries
-        # to skip the rest of the body (vmmgate/web/worker.py).
-        raise BodyTimeout(
-            "The request body stopped arriving: nothing came for "
-            "VMMGATE_IO_TIMEOUT seconds."
-        ) from exc
+        # sending mid-body. Werkzeug reports it as a disconnect raised while
+        # handling the timeout. The worker then drops the connection when it
+        # tries to skip the rest of the body (vmmgate/web/worker.py).
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            raise BodyTimeout(
+                "The request body stopped arriving: nothing came for "
+                "VMMGATE_IO_TIMEOUT seconds."
+            ) from exc
+        raise
 
 
 def _read_body() -> bytes:
