@@ -20,6 +20,7 @@ bench: setup  ## print the benchmark tables (see README)
 	$(PY) benchmarks/vmm_bench.py
 	$(PY) benchmarks/http_bench.py
 	$(PY) benchmarks/rpc_bench.py
+	$(PY) benchmarks/slow_clients.py
 
 setup: system-packages $(VENV)/.installed guest bytecode
 

@@ -17,9 +17,16 @@ _server = server_settings()
 
 bind = [_server.bind.gunicorn_bind]
 workers = _server.workers
-# Threads let one worker wait for a booting VMM while it serves other requests.
-worker_class = "gthread"
-threads = _server.threads
+# gevent: every connection is a greenlet, so a worker waits for a booting VMM,
+# streams consoles and holds clients that stall without running out of
+# threads (gthread froze with 8 stalled clients). The class adds the header
+# deadline and the read/write timeout (vmmgate/web/worker.py).
+worker_class = "vmmgate.web.worker.Worker"
+worker_connections = _server.worker_connections
+threads = _server.threads  # unused by the gevent worker; accepted as before
+# Non-zero: gunicorn bounds each request head by the worker's timeout_ctx only
+# on keep-alive connections (all of them, with this set).
+keepalive = 2
 # Longer than the longest wait a request may do (VMM ready timeout, RPC timeout).
 timeout = _server.timeout
 graceful_timeout = 30
@@ -67,10 +74,10 @@ def when_ready(server):
     """
     addresses = ", ".join(b.gunicorn_bind for b in bound_addresses(server.LISTENERS))
     server.log.info(
-        "vmmgate listening on %s (%d workers x %d threads)%s",
+        "vmmgate listening on %s (%d workers x %d connections)%s",
         addresses or ", ".join(str(listener) for listener in server.LISTENERS),
         server.cfg.workers,
-        server.cfg.threads,
+        server.cfg.worker_connections,
         "; bearer token required" if _server.token_required else "",
     )
     for warning in exposure_warnings(server.LISTENERS, _server.token_required):

@@ -293,7 +293,7 @@ def test_gunicorn_warns_for_what_it_bound(
         server = SimpleNamespace(
             log=logging.getLogger("test.gunicorn"),
             LISTENERS=listeners,
-            cfg=SimpleNamespace(workers=2, threads=4),
+            cfg=SimpleNamespace(workers=2, worker_connections=1000),
         )
         with caplog.at_level(logging.INFO, logger="test.gunicorn"):
             module.when_ready(server)
@@ -307,4 +307,4 @@ def test_gunicorn_warns_for_what_it_bound(
         assert f"{host}:{ports[host]} WITHOUT a token" in warning
     info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     listed = ", ".join(f"{host}:{ports[host]}" for host in hosts)
-    assert f"vmmgate listening on {listed} (2 workers x 4 threads)" in info[0]
+    assert f"vmmgate listening on {listed} (2 workers x 1000 connections)" in info[0]

@@ -217,3 +217,36 @@ def test_server_settings(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="VMMGATE_WORKERS"):
         rocket.server_settings({**environ, "VMMGATE_WORKERS": "0"}, tmp_path)
+
+
+def test_slow_client_settings(tmp_path: Path) -> None:
+    """The worker's connections and timeouts: defaults, overrides, refused values."""
+    environ = {"ROCKET_CONFIG": str(tmp_path / "Rocket.toml")}
+    (tmp_path / "Rocket.toml").write_text(ORIGINAL)
+    server = rocket.server_settings(environ, tmp_path)
+    assert (server.worker_connections, server.header_timeout, server.io_timeout) == (
+        1000,
+        10.0,
+        30.0,
+    )
+    tuned = rocket.server_settings(
+        {
+            **environ,
+            "VMMGATE_WORKER_CONNECTIONS": "5000",
+            "VMMGATE_HEADER_TIMEOUT": "2.5",
+            "VMMGATE_IO_TIMEOUT": "60",
+        },
+        tmp_path,
+    )
+    assert (tuned.worker_connections, tuned.header_timeout, tuned.io_timeout) == (
+        5000,
+        2.5,
+        60.0,
+    )
+    for key, value in (
+        ("VMMGATE_HEADER_TIMEOUT", "0"),
+        ("VMMGATE_IO_TIMEOUT", "soon"),
+        ("VMMGATE_WORKER_CONNECTIONS", "1"),
+    ):
+        with pytest.raises(ConfigError, match=key):
+            rocket.server_settings({**environ, key: value}, tmp_path)

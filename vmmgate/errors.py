@@ -256,3 +256,7 @@ def flatten_messages(messages: object, prefix: str = "") -> str:
         head = f"{prefix[:-1]}: {text}" if prefix and text else text
         return "; ".join(part for part in [head, *nested] if part)
     return f"{prefix[:-1]}: {messages}" if prefix else str(messages)
+
+
+class BodyTimeout(RequestError):
+    """The client stopped sending the request body (VMMGATE_IO_TIMEOUT passed)."""

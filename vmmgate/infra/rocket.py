@@ -34,7 +34,13 @@ ROCKET_BUILTIN = {"address": "127.0.0.1", "port": 8000}
 #: The shipped Rocket.toml (the original's), used when the working tree has none.
 SHIPPED_ROCKET_TOML = state.PROJECT_ROOT / "Rocket.toml"
 #: Read by gunicorn.conf.py only.
-SERVER_KEYS = ("VMMGATE_WORKERS", "VMMGATE_THREADS")
+SERVER_KEYS = (
+    "VMMGATE_WORKERS",
+    "VMMGATE_THREADS",
+    "VMMGATE_WORKER_CONNECTIONS",
+    "VMMGATE_HEADER_TIMEOUT",
+    "VMMGATE_IO_TIMEOUT",
+)
 
 
 @dataclass(frozen=True)
@@ -144,18 +150,37 @@ class ServerSettings:
     workers: int
     threads: int
     timeout: int
+    #: Connections one worker serves at once (each a greenlet, not a thread).
+    worker_connections: int = 1000
+    #: Seconds a client has to send a whole request head.
+    header_timeout: float = 10.0
+    #: Seconds one read of a body, or one write of an answer, may wait.
+    io_timeout: float = 30.0
     #: Whether requests must carry a bearer token (VMMGATE_TOKEN / _FILE).
     token_required: bool = False
 
 
 class _ServerSchema(Schema):
-    """Validates VMMGATE_WORKERS and VMMGATE_THREADS."""
+    """Validates the settings only gunicorn.conf.py reads (SERVER_KEYS)."""
 
     class Meta:
         unknown = EXCLUDE
 
     workers = integer_setting("VMMGATE_WORKERS", 1, 64, load_default=2)
     threads = integer_setting("VMMGATE_THREADS", 1, 256, load_default=4)
+    worker_connections = integer_setting(
+        "VMMGATE_WORKER_CONNECTIONS", 16, 100_000, load_default=1000
+    )
+    header_timeout = fields.Float(
+        data_key="VMMGATE_HEADER_TIMEOUT",
+        validate=validate.Range(min=0.1, max=3600),
+        load_default=10.0,
+    )
+    io_timeout = fields.Float(
+        data_key="VMMGATE_IO_TIMEOUT",
+        validate=validate.Range(min=0.1, max=3600),
+        load_default=30.0,
+    )
 
 
 def server_settings(
@@ -173,5 +198,8 @@ def server_settings(
         workers=data["workers"],
         threads=data["threads"],
         timeout=timeout,
+        worker_connections=data["worker_connections"],
+        header_timeout=data["header_timeout"],
+        io_timeout=data["io_timeout"],
         token_required=app_settings.token is not None,
     )

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 #: Status per error class; the most specific class in an error's MRO wins.
 STATUS: dict[type[domain.VmmgateError], int] = {
     domain.MalformedBody: 400,  # Rocket's Json guard: syntax error
+    domain.BodyTimeout: 408,
     domain.InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
     domain.Unauthorized: 401,
     domain.VmNotFound: 404,

@@ -21,8 +21,9 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Flask, Response, current_app, jsonify, request
 from marshmallow import Schema
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
+from vmmgate.errors import BodyTimeout
 from vmmgate.web import metrics, schemas, vm_schemas
 
 OPENAPI_VERSION = "3.0.3"
@@ -172,6 +173,23 @@ def read_body() -> bytes:
     than the limit is read from the server's (de-chunked, terminated) input,
     and a body that has it is refused.
     """
+    try:
+        return _read_body()
+    except (TimeoutError, ClientDisconnected) as exc:
+        # The worker's socket timeout (VMMGATE_IO_TIMEOUT): the client stopped
+        # sending mid-body. Werkzeug reports it as a disconnect raised while
+        # handling the timeout. The worker then drops the connection when it
+        # tries to skip the rest of the body (vmmgate/web/worker.py).
+        if isinstance(exc, TimeoutError) or isinstance(exc.__context__, TimeoutError):
+            raise BodyTimeout(
+                "The request body stopped arriving: nothing came for "
+                "VMMGATE_IO_TIMEOUT seconds."
+            ) from exc
+        raise
+
+
+def _read_body() -> bytes:
+    """Read the body as :func:`read_body` says (socket timeouts propagate)."""
     limit = current_app.config.get("MAX_CONTENT_LENGTH")
     if limit is None:  # no limit configured (an app built without init_settings)
         return request.get_data(cache=False)

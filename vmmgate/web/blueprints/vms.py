@@ -27,8 +27,12 @@ declare = Declarations("vms")
 #: What every route that asks the VM's VMM something can answer besides 404.
 _VMM_ERRORS = (409, 500, 502, 504)
 
-#: Console streams one worker serves at once (each holds one of its threads).
-MAX_FOLLOWERS = 2
+#: Console streams one worker serves at once. Each is a greenlet that polls
+#: the log (vmmgate/web/worker.py), not a request thread; one that stops
+#: reading is dropped after VMMGATE_IO_TIMEOUT.
+MAX_FOLLOWERS = 32
+#: Seconds a refused follower is told to wait (Retry-After).
+FOLLOW_RETRY_AFTER_S = 5
 _followers = threading.BoundedSemaphore(MAX_FOLLOWERS)
 
 
@@ -145,7 +149,8 @@ def console(vm_id: str, query: dict[str, Any]) -> Response:
         if not _followers.acquire(blocking=False):
             raise TooManyRequests(
                 f"This worker already streams {MAX_FOLLOWERS} consoles; "
-                "try again later or read without follow."
+                "try again later or read without follow.",
+                retry_after=FOLLOW_RETRY_AFTER_S,
             )
         try:
             body = _Stream(service().follow_console(vm_id, tail, query["timeout"]))
