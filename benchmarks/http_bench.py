@@ -73,7 +73,7 @@ def main() -> None:
         # The server keeps each VMM's RPC secret in its run directory; the direct
         # calls send it as the server does.
         secret = (console.parent / "rpc.key").read_text()
-        cpu, mem = work / "cpu", work / "mem"
+        cpu, mem = state / "snapshots" / "cpu", state / "snapshots" / "mem"
         body = {"cpu_snapshot_path": str(cpu), "memory_snapshot_path": str(mem),
                 "rpc_port": port, "resume": True}  # fmt: skip
         for _ in range(args.runs):

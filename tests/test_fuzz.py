@@ -15,6 +15,7 @@ example). Each run must reach the VMM at least once, or it proved nothing.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,43 @@ def test_raw_bodies_fuzz(fuzz_client: FlaskClient, raw: bytes) -> None:
                 route, data=raw, headers={"Content-Type": "application/json"}
             )
         )
+
+
+#: Up to 64 KiB: random bytes, nesting far deeper than the bound (closed, unclosed,
+#: arrays and objects), and valid JSON carrying a huge string or array.
+BIG = 64 * 1024
+big_bodies = st.one_of(
+    st.tuples(st.integers(0, 2**32), st.integers(1, BIG)).map(
+        lambda t: random.Random(t[0]).randbytes(t[1])
+    ),
+    st.tuples(st.integers(1, BIG // 2), st.booleans()).map(
+        lambda t: b"[" * t[0] + (b"]" * t[0] if t[1] else b"")
+    ),
+    st.integers(1, BIG // 6).map(lambda d: b'{"a":' * d + b"1" + b"}" * d),
+    st.tuples(
+        st.sampled_from(["kernel_path", "cpu_snapshot_path", "x"]),
+        st.integers(1, BIG - 200),
+        st.sampled_from('a/\\"\u00e9\x00.'),
+    ).map(
+        lambda t: json.dumps({**boot_body("vmlinuz"), t[0]: t[2] * t[1]}).encode()[:BIG]
+    ),
+    st.integers(1, BIG // 3).map(
+        lambda n: json.dumps({**boot_body("vmlinuz"), "config": [0] * n}).encode()[:BIG]
+    ),
+)
+
+
+@settings(FUZZ, max_examples=60)
+@given(raw=big_bodies)
+def test_big_and_deep_bodies_fuzz(fuzz_client: FlaskClient, raw: bytes) -> None:
+    """Bodies up to 64 KiB, nested deep: a JSON error (400/422), never a 5xx."""
+    assert len(raw) <= BIG
+    for route in ("/create", "/snapshot"):
+        response = fuzz_client.post(
+            route, data=raw, headers={"Content-Type": "application/json"}
+        )
+        check(response)
+        assert response.status_code in (400, 422), response.get_data(as_text=True)[:300]
 
 
 #: Fake VMM modes for /snapshot: the one status each may add, and that it must show.

@@ -71,7 +71,10 @@ def test_64_restored_vms_then_429_then_all_stopped(scale_server: Server) -> None
     source = create(server, boot_body())
     wait_for(lambda: UP_LINE in source.console_text(), BOOT_TIMEOUT, "the source boot")
     source.wait_counter_above(1)
-    cpu, memory = server.state / "scale.cpu", server.state / "scale.mem"
+    cpu, memory = (
+        server.state / "snapshots" / "scale.cpu",
+        server.state / "snapshots" / "scale.mem",
+    )
     low = max(source.counters()) + 1
     answer = post(
         server,
