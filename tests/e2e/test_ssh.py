@@ -397,7 +397,7 @@ def test_ssh_over_a_tap_device_in_a_namespace(
     login_shows_address(user, password, guest, 22, ident, netns.name)
 
     snaps = srv.state / "snapshots"
-    snaps.mkdir()
+    assert snaps.is_dir()  # the default root, made at start
     cpu, memory = snaps / "cpu", snaps / "mem"
     answer = srv.post("/snapshot", snapshot_body(vm.port, cpu, memory, False))
     assert answer.status == 200, answer.text
