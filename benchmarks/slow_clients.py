@@ -162,24 +162,28 @@ def main() -> None:
     server = make_server(state, work / "gunicorn.log", **env)
     held: list[socket.socket] = []
     with server.running():
-        timeout = args.client_timeout
-        idle = measure(server, args.requests, args.creates, timeout)
-        # A running VM whose console holds 16 MiB for the followers to stall on.
-        _, status, data = request(server, "POST", "/create", _boot_body(), 60)
-        assert status == 200, data
-        vm_id = json.loads(data)["id"]
-        record = server.registry.get(vm_id)
-        assert record is not None
-        with open(Path(record.vm_dir) / "console.log", "ab") as console:
-            console.write((b"x" * 1023 + b"\n") * (CONSOLE_BYTES // 1024))
         try:
-            held = stall(server, vm_id)
-            time.sleep(1)  # let the followers fill their buffers
-            stalled = measure(server, args.requests, args.creates, timeout)
-            open_at_end = sum(still_open(sock) for sock in held)
+            timeout = args.client_timeout
+            idle = measure(server, args.requests, args.creates, timeout)
+            # A running VM whose console holds 16 MiB for the followers to stall on.
+            _, status, data = request(server, "POST", "/create", _boot_body(), 60)
+            assert status == 200, data
+            vm_id = json.loads(data)["id"]
+            record = server.registry.get(vm_id)
+            assert record is not None
+            with open(Path(record.vm_dir) / "console.log", "ab") as console:
+                console.write((b"x" * 1023 + b"\n") * (CONSOLE_BYTES // 1024))
+            try:
+                held = stall(server, vm_id)
+                time.sleep(1)  # let the followers fill their buffers
+                stalled = measure(server, args.requests, args.creates, timeout)
+                open_at_end = sum(still_open(sock) for sock in held)
+            finally:
+                for sock in held:
+                    sock.close()
         finally:
-            for sock in held:
-                sock.close()
+            # Every VM this run started, /create calls that timed out included.
+            server.stop_all_vms()
     worker = args.worker_class or "gunicorn.conf.py (gevent)"
     print(
         f"\nworker: {worker}; {args.requests} /healthz and {args.creates} /create per "
