@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import vmm_bench
 
-from tests.server import make_server
+from tests.server import Server, make_server
 from vmmgate.guest import ensure_guest
 from vmmgate.infra import rpc
 from vmmgate.shared.state import state_dir
@@ -43,11 +43,8 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    """Run the benchmark and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10)
-    args = parser.parse_args()
+def bench_server(**env: str) -> Server:
+    """Prepare (not start) a gunicorn on a fresh state dir under var/bench, the demo guest in it."""
     guest = ensure_guest()
     base = state_dir() / "bench"
     base.mkdir(parents=True, exist_ok=True)
@@ -55,7 +52,17 @@ def main() -> None:
     state = work / "state"
     state.mkdir()
     (state / "guest").symlink_to(guest.kernel.parent)
-    server = make_server(state, work / "gunicorn.log")
+    return make_server(state, work / "gunicorn.log", **env)
+
+
+def main() -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=10)
+    args = parser.parse_args()
+    guest = ensure_guest()
+    server = bench_server()
+    state, work = server.state, server.state.parent
     server.start()
     rows: dict[str, tuple[list[float], list[float]]] = {
         "snapshot": ([], []),

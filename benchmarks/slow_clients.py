@@ -25,16 +25,15 @@ import json
 import socket
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.server import Server, make_server
-from vmmgate.guest import ensure_guest
-from vmmgate.shared.state import state_dir
+import http_bench
+
+from tests.server import Server
 
 HEADS, BODIES, FOLLOWERS = 200, 200, 20
 CONSOLE_BYTES = 16 << 20
@@ -145,13 +144,6 @@ def main() -> None:
         "--worker-class", help="gunicorn -k (default: gunicorn.conf.py's)"
     )
     args = parser.parse_args()
-    guest = ensure_guest()
-    base = state_dir() / "bench"
-    base.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=base))
-    state = work / "state"
-    state.mkdir()
-    (state / "guest").symlink_to(guest.kernel.parent)
     env = {
         "VMMGATE_HEADER_TIMEOUT": str(HOLD_TIMEOUT_S),
         "VMMGATE_IO_TIMEOUT": str(HOLD_TIMEOUT_S),
@@ -159,7 +151,7 @@ def main() -> None:
     }
     if args.worker_class:
         env["GUNICORN_CMD_ARGS"] = f"-k {args.worker_class}"
-    server = make_server(state, work / "gunicorn.log", **env)
+    server = http_bench.bench_server(**env)
     held: list[socket.socket] = []
     with server.running():
         try:
