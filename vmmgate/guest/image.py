@@ -28,7 +28,14 @@ MANIFEST_FILE = "manifest.json"
 #: Bump when the manifest layout changes.
 MANIFEST_FORMAT = 1
 #: The kernel command line the image is made for (serial console, no reboot loop).
-CMDLINE = "console=ttyS0 panic=-1 quiet"
+CMDLINE = (
+    "console=ttyS0 panic=-1 quiet"
+    # Boot faster, above all under TCG: trust the TSC (no calibration, no
+    # watchdog), skip the i8042 and timer probes the guest has no use for,
+    # no crypto self-tests, and scan PCI bus 0 only (every device is there).
+    " tsc=reliable no_timer_check i8042.noaux i8042.nomux i8042.nopnp"
+    " i8042.dumbkbd cryptomgr.notests pci=lastbus=0"
+)
 
 Say = Callable[[str], None]
 
