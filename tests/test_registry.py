@@ -263,3 +263,30 @@ def test_proc_start_time_with_odd_comm(tmp_path: Path) -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_many_processes_create_one_registry_at_once(tmp_path: Path) -> None:
+    """Workers start together: every create() succeeds (none gets "database is locked",
+    which made a worker fail to boot and gunicorn stop), and the schema is whole."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from vmmgate.infra.registry import Registry\n"
+        "start = float(sys.argv[2])\n"
+        "time.sleep(max(0.0, start - time.time()))\n"
+        "Registry(Path(sys.argv[1])).create()\n"
+    )
+    for attempt in range(5):
+        path = tmp_path / f"registry-{attempt}.sqlite3"
+        start = time.time() + 1.0  # after every interpreter has started
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(path), str(start)],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        errors = [p.communicate(timeout=60)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, errors
+        assert Registry(path).list() == []

@@ -9,6 +9,7 @@ is also how a port is reserved across workers.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import threading
@@ -104,12 +105,22 @@ class Registry:
         Raise NewerSchema, before anything writes to the file, if a newer vmmgate made it.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.check_version()
-        with self._connect() as db:
-            # WAL lets every worker read while one writes; it persists in the file.
-            db.execute("PRAGMA journal_mode = WAL")
-            db.executescript(_SCHEMA)
-            _add_missing_columns(db)
+        self.check_version()  # refused before anything, the lock file too, appears
+        # Workers start at the same moment: switching to WAL takes an exclusive
+        # lock that SQLite's busy handler does not wait for ("database is
+        # locked"), and a worker that fails to boot stops gunicorn. So the
+        # creators take turns on a lock file beside the registry.
+        lock = os.open(f"{self.path}.create-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.check_version()
+            with self._connect() as db:
+                # WAL lets every worker read while one writes; it persists in the file.
+                db.execute("PRAGMA journal_mode = WAL")
+                db.executescript(_SCHEMA)
+                _add_missing_columns(db)
+        finally:
+            os.close(lock)  # releases the lock
 
     def check_version(self) -> None:
         """Raise NewerSchema if the file's ``user_version`` is above SCHEMA_VERSION.
