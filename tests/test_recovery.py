@@ -131,6 +131,7 @@ class StubMachine:
 
     def __init__(self, memory_mib: int) -> None:
         self.spec = SimpleNamespace(memory_mib=memory_mib)
+        self.ram_shared = True
         self.ram_fd = os.memfd_create("stub-ram")
         os.ftruncate(self.ram_fd, memory_mib << 20)
         os.pwrite(self.ram_fd, b"guest RAM", 4096)

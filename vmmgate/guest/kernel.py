@@ -24,6 +24,8 @@ MODULES = (
     "net_failover",
     "virtio_net",
     "qemu_fw_cfg",
+    # Free page reporting: freed guest pages leave the host's RAM and the snapshots.
+    "virtio_balloon",
 )
 
 _MODULE_PATH = re.compile(r"^(?:usr/)?lib/modules/([^/]+)/(.+)$")

@@ -57,6 +57,8 @@ class CpuHeader:
     format_version: int = FORMAT_VERSION
     #: The guest's static address the user-mode network was built for (None: QEMU's default).
     guest_ip: str | None = None
+    #: Whether the VM had the free-page-reporting balloon (a restore must add it too).
+    balloon: bool = False
 
     @property
     def memory_mib(self) -> int:

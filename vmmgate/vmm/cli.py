@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--console-log", help="serial console log file (default: console-PORT.log)"
     )
+    p.add_argument("--restore-ram", choices=("lazy", "copy"), default="lazy",
+                   help="restore: map the memory file copy-on-write, pages loaded as the "
+                        "guest touches them (lazy, the default), or copy it into memory "
+                        "first (copy)")  # fmt: skip
     p.add_argument("--tap", help="attach the network card to this host tap device")
     p.add_argument("--guest-ip", type=_guest_ip, metavar="ADDRESS/PREFIX",
                    help="boot: the static address the guest gives eth0 (e.g. 192.168.210.2/24); "
@@ -182,8 +186,8 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
                                    guest_ip=args.guest_ip, roots=args.roots)  # fmt: skip
     return VirtualMachine.restore(Path(args.cpu_path).absolute(),
                                   Path(args.memory_path).absolute(), console,
-                                  tap=args.tap, accel=args.accel,
-                                  roots=args.roots)  # fmt: skip
+                                  tap=args.tap, accel=args.accel, roots=args.roots,
+                                  lazy=args.restore_ram == "lazy")  # fmt: skip
 
 
 def _import_rpc_stack() -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vmmgate.shared.consolelog import DEFAULT_MAX_BYTES
 from vmmgate.shared.state import qemu_path
+from vmmgate.vmm import nofallocate
 from vmmgate.vmm.console import ConsoleLog, ConsolePump
 from vmmgate.vmm.errors import QemuError, QemuLaunchError
 
@@ -74,6 +75,9 @@ class MachineSpec:
     net: NetSpec
     console_log: Path
     machine: str = "pc"
+    #: A virtio-balloon taking the guest's free page reports (freed pages leave
+    #: the RAM, hence the snapshot); a restore must have it if the snapshot did.
+    balloon: bool = False
     #: Cap of one console log segment (vmmgate.shared.consolelog); not virtual hardware.
     console_max_bytes: int = DEFAULT_MAX_BYTES
 
@@ -140,9 +144,15 @@ def _set_pdeathsig() -> None:
 def build_argv(
     qemu: str, spec: MachineSpec, ram_fd: int, qmp_fd: int,
     boot: KernelBoot | None, incoming: bool, console_fd: int,
+    ram_shared: bool = True,
 ) -> list[str]:  # fmt: skip
-    """Return QEMU's command line (no shell is ever involved)."""
+    """Return QEMU's command line (no shell is ever involved).
+
+    ``ram_shared``: the RAM is our memfd, shared with QEMU; otherwise ``ram_fd``
+    is a memory snapshot file QEMU maps copy-on-write (a lazy restore).
+    """
     size = f"{spec.memory_mib}M"
+    share = "on" if ram_shared else "off"
     argv = [
         qemu,
         "-name", "vmmgate",
@@ -150,7 +160,7 @@ def build_argv(
         "-m", size,
         "-smp", str(spec.vcpus),
         "-object", (f"memory-backend-file,id=ram,size={size},"
-                    f"mem-path=/proc/self/fd/{ram_fd},share=on"),
+                    f"mem-path=/proc/self/fd/{ram_fd},share={share}"),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-sandbox", SANDBOX,
         "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
@@ -167,6 +177,8 @@ def build_argv(
         ]
     if spec.net.mode != "none":
         argv += ["-device", "virtio-net-pci,netdev=net0,romfile="]
+    if spec.balloon:
+        argv += ["-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on"]
     if boot is not None:
         argv += ["-kernel", str(boot.kernel), "-append", boot.cmdline]
         if boot.initrd:
@@ -181,14 +193,26 @@ def build_argv(
 
 
 class QemuMachine:
-    """Owns one QEMU process and its monitor; launch once, shut down any number of times."""
+    """Owns one QEMU process and its monitor; launch once, shut down any number of times.
+
+    Guest RAM is either an unlinked memfd shared with QEMU (a boot, a copying
+    restore), or, given ``ram_file``, a memory snapshot file that QEMU maps
+    copy-on-write: pages come from the page cache as the guest touches them,
+    its writes stay private to this QEMU, and the file is never written. The
+    machine owns (closes) that descriptor too.
+    """
 
     def __init__(self, spec: MachineSpec, boot: KernelBoot | None = None,
-                 incoming: bool = False, qemu: str | None = None):  # fmt: skip
+                 incoming: bool = False, qemu: str | None = None,
+                 ram_file: int | None = None):  # fmt: skip
         self.spec = spec
-        # Guest RAM: an unlinked shared memfd, so nothing is left on disk if we die.
-        self.ram_fd = os.memfd_create("vmmgate-ram", os.MFD_CLOEXEC)
-        os.ftruncate(self.ram_fd, spec.memory_mib * 1024 * 1024)
+        self.ram_shared = ram_file is None
+        if ram_file is not None:
+            self.ram_fd = ram_file
+        else:
+            # An unlinked shared memfd, so nothing is left on disk if we die.
+            self.ram_fd = os.memfd_create("vmmgate-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.ram_fd, spec.memory_mib * 1024 * 1024)
         self.boot = boot
         self.incoming = incoming
         self.qemu = qemu or find_qemu()
@@ -233,9 +257,19 @@ class QemuMachine:
         self._console_pump = ConsolePump(serial_ours, self.console)
         self._console_pump.start()
         self.argv = build_argv(self.qemu, self.spec, self.ram_fd, theirs.fileno(), self.boot,
-                               self.incoming, serial_theirs.fileno())  # fmt: skip
+                               self.incoming, serial_theirs.fileno(),
+                               self.ram_shared)  # fmt: skip
         log.debug("starting QEMU: %s", self.argv)
         setpriv = shutil.which("setpriv")
+        preexec = None if setpriv else _set_pdeathsig
+        if not self.ram_shared:
+            # QEMU must never punch holes in the snapshot it maps (nofallocate.py).
+            guard = nofallocate.Filter()
+            preexec = (
+                guard.install
+                if setpriv
+                else lambda: (_set_pdeathsig(), guard.install())
+            )
         try:
             # QEMU dies with us (parent-death signal), also when we are SIGKILLed.
             # setpriv sets it without running Python in the forked child.
@@ -243,7 +277,7 @@ class QemuMachine:
                 [setpriv, "--pdeathsig", "KILL", "--", *self.argv] if setpriv else self.argv,
                 stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr,
                 pass_fds=(theirs.fileno(), self.ram_fd, serial_theirs.fileno()),
-                preexec_fn=None if setpriv else _set_pdeathsig,  # noqa: PLW1509 - fallback only
+                preexec_fn=preexec,  # noqa: PLW1509 - ctypes calls only, prepared beforehand
             )  # fmt: skip
         except OSError as exc:
             ours.close()

@@ -39,7 +39,7 @@ from vmmgate.shared.snapfile import (
 from vmmgate.vmm import ramcopy
 from vmmgate.vmm.errors import SnapshotIOError
 from vmmgate.vmm.machine import QemuMachine
-from vmmgate.vmm.migration import save_device_state
+from vmmgate.vmm.migration import save_device_state, save_split
 from vmmgate.vmm.targets import Target, Targets
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,27 @@ def _stream_sha256(fd: int, length: int) -> str:
 
 
 def size_estimate(machine: QemuMachine) -> int:
-    """Return about how many bytes a snapshot of ``machine`` will take on disk."""
-    return os.fstat(machine.ram_fd).st_blocks * 512 + DISK_SLACK
+    """Return about how many bytes a snapshot of ``machine`` will take on disk.
+
+    A lazily restored VM's RAM is its memory file plus the pages the guest has
+    written since (QEMU's anonymous memory).
+    """
+    allocated = os.fstat(machine.ram_fd).st_blocks * 512
+    if not machine.ram_shared and machine.pid is not None:
+        allocated += _rss_anon(machine.pid)
+    return allocated + DISK_SLACK
+
+
+def _rss_anon(pid: int) -> int:
+    """Return the anonymous resident memory of ``pid`` in bytes (0 if unknown)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _hold(target: Target) -> int | None:
@@ -191,12 +210,23 @@ def write_snapshot(
             AtomicFile(cpu_path, dir_fd=cpu.dir_fd) as cpu_file,
             AtomicFile(memory_path, dir_fd=memory.dir_fd) as mem_file,
         ):
-            _phase("device_state")
-            stream_length = save_device_state(machine, cpu_file.fd)
-            phases["device_state"] = time.perf_counter() - started
-            _phase("ram_copy")
-            written = ramcopy.sparse_copy(machine.ram_fd, mem_file.fd, memory_size)
-            phases["ram_copy"] = time.perf_counter() - started - sum(phases.values())
+            if machine.ram_shared:
+                _phase("device_state")
+                stream_length = save_device_state(machine, cpu_file.fd)
+                phases["device_state"] = time.perf_counter() - started
+                _phase("ram_copy")
+                written = ramcopy.sparse_copy(machine.ram_fd, mem_file.fd, memory_size)
+                phases["ram_copy"] = (
+                    time.perf_counter() - started - sum(phases.values())
+                )
+            else:
+                # The RAM is in QEMU's private mapping: it comes with the device state.
+                _phase("device_state")
+                _phase("ram_copy")
+                stream_length, written = save_split(
+                    machine, cpu_file.fd, mem_file.fd, memory_size
+                )
+                phases["ram_copy"] = time.perf_counter() - started
             os.ftruncate(mem_file.fd, memory_size)
             _pwrite_all(
                 mem_file.fd, memory_trailer_block(snapshot_id, memory_size), memory_size

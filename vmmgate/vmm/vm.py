@@ -18,7 +18,7 @@ from pathlib import Path
 from vmmgate.shared import consolelog
 from vmmgate.shared.snapfile import CpuHeader, open_pair
 from vmmgate.vmm import accel as accel_mod
-from vmmgate.vmm import migration, ramcopy
+from vmmgate.vmm import features, migration, nofallocate, ramcopy
 from vmmgate.vmm.access import SnapshotRoots
 from vmmgate.vmm.errors import Conflict, InvalidRequest
 from vmmgate.vmm.machine import (
@@ -110,11 +110,12 @@ class VirtualMachine:
                 raise InvalidRequest(
                     f"{label} {str(path)!r} does not exist or is not a file"
                 )
-        machine_accel = accel_mod.choose_accel(accel, find_qemu(), boot.kernel)
+        qemu = find_qemu()
+        machine_accel = accel_mod.choose_accel(accel, qemu, boot.kernel)
         net = network_for(tap, net_mode, guest_ip)
         spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=machine_accel, net=net,
-                           console_log=console_log,
-                           console_max_bytes=console_cap())  # fmt: skip
+                           console_log=console_log, console_max_bytes=console_cap(),
+                           balloon=features.has_free_page_reporting(qemu))  # fmt: skip
         machine = QemuMachine(spec, boot=boot)
         try:
             machine.launch()
@@ -127,9 +128,12 @@ class VirtualMachine:
     @classmethod
     def restore(cls, cpu_path: Path, memory_path: Path, console_log: Path,
                 tap: str | None = None, accel: str = "auto",
-                roots: SnapshotRoots | None = None) -> VirtualMachine:  # fmt: skip
+                roots: SnapshotRoots | None = None, lazy: bool = True) -> VirtualMachine:  # fmt: skip
         """Restore a guest from a snapshot pair; the files are only read, never changed.
 
+        ``lazy``: QEMU maps the memory file copy-on-write, so the restore costs
+        the device state, not the RAM, and restores of one snapshot share its
+        page cache; otherwise the RAM is copied into a memfd first.
         With ``roots``, both files are opened below them without following a symlink.
         """
         marks = [("start", time.perf_counter())]
@@ -146,18 +150,26 @@ class VirtualMachine:
                 memory_mib=header.memory_mib, vcpus=header.vcpus,
                 accel=accel_mod.choose_accel(wanted, find_qemu(), None), net=net,
                 console_log=console_log, machine=header.machine,
-                console_max_bytes=console_cap(),
+                console_max_bytes=console_cap(), balloon=header.balloon,
             )  # fmt: skip
-            machine = QemuMachine(spec, incoming=True)
+            if lazy and not nofallocate.supported():
+                log.warning("no fallocate guard for this architecture: copying the RAM")
+                lazy = False
+            # The machine owns the memory file's descriptor from here (lazy).
+            machine = QemuMachine(
+                spec, incoming=True, ram_file=mem_fd if lazy else None
+            )
+            if lazy:
+                mem_fd = -1
             try:
-                # RAM is loaded while QEMU initialises (it maps the memfd shared and
-                # touches no guest RAM before the incoming migration). Only data
-                # extents are copied, in the kernel; the file is only read, so one
-                # snapshot can be restored any number of times.
                 machine.start()
                 marks.append(("spawn_qemu", time.perf_counter()))
-                ramcopy.load_into(mem_fd, machine.ram_fd, header.memory_size)
-                marks.append(("load_ram", time.perf_counter()))
+                if not lazy:
+                    # RAM is loaded while QEMU initialises (it maps the memfd shared and
+                    # touches no guest RAM before the incoming migration). Only data
+                    # extents are copied, in the kernel.
+                    ramcopy.load_into(mem_fd, machine.ram_fd, header.memory_size)
+                    marks.append(("load_ram", time.perf_counter()))
                 machine.connect()
                 marks.append(("qemu_ready", time.perf_counter()))
                 migration.enable_ignore_shared(machine)
@@ -170,12 +182,14 @@ class VirtualMachine:
                 raise
         finally:
             os.close(cpu_fd)
-            os.close(mem_fd)
+            if mem_fd >= 0:
+                os.close(mem_fd)
         # The wall-clock time lets a caller measure "process start to guest running".
-        log.info("restored in %.0f ms (%s); guest running at %.6f",
+        log.info("restored in %.0f ms (%s; %s); guest running at %.6f",
                  (marks[-1][1] - marks[0][1]) * 1000,
                  ", ".join(f"{name} {(t - marks[i][1]) * 1000:.0f}"
                            for i, (name, t) in enumerate(marks[1:])),
+                 "RAM mapped copy-on-write" if lazy else "RAM copied",
                  time.time())  # fmt: skip
         origin = {"kind": "snapshot", "cpu_path": str(cpu_path),
                   "memory_path": str(memory_path), "snapshot_id": header.snapshot_id}  # fmt: skip
@@ -259,6 +273,7 @@ class VirtualMachine:
             "net": spec.net.mode,
             "guest_ip": spec.net.guest_ip,
             "qemu_version": self.qemu_version(),
+            "balloon": spec.balloon,
         }
 
     def _machine_type(self) -> str:
@@ -283,6 +298,8 @@ class VirtualMachine:
         console = self.machine.console
         return {
             "state": self.state.value,
+            # "lazy": RAM mapped copy-on-write from the memory file; "memfd": our own copy.
+            "ram": "memfd" if self.machine.ram_shared else "lazy",
             "qemu_pid": self.machine.pid,
             "memory_mib": spec.memory_mib,
             "vcpus": spec.vcpus,
@@ -292,6 +309,7 @@ class VirtualMachine:
             "tap": spec.net.tap,
             "ssh_port": spec.net.ssh_port,
             "guest_ip": spec.net.guest_ip,
+            "balloon": spec.balloon,
             "console_log": str(spec.console_log),
             "console_max_bytes": spec.console_max_bytes,
             # Everything the guest printed since this VMM started (also what
