@@ -292,6 +292,8 @@ def _copy_footer(reader: _Reader, out: _Writer, section_id: int) -> None:
         out.write(footer)
 
 
+_ZERO_NEXT = FLAG_ZERO | FLAG_CONTINUE
+_PAGE_NEXT = FLAG_PAGE | FLAG_CONTINUE
 #: The most one page record takes: header, block name, data.
 _RECORD = 8 + 1 + 255 + PAGE
 
@@ -305,6 +307,8 @@ def _split_pages(
     reader's buffer directly rather than through its methods.
     """
     buf, pos, unpack = reader.buf, reader.pos, _BE64.unpack_from
+    last_page = memory_size - PAGE + 1
+    in_ram = ram.block == RAM_IDSTR
     while True:
         if len(buf) - pos < _RECORD:
             ram.flush()  # its views into the buffer end before the buffer moves
@@ -319,6 +323,16 @@ def _split_pages(
         pos += 8
         flags = value & _PAGE_MASK
         offset = value & ~_PAGE_MASK
+        # The two records almost every page is: a zero page or a data page of the
+        # guest RAM block, continuing it (checked in full below otherwise).
+        if in_ram and offset < last_page:
+            if flags == _ZERO_NEXT and pos < len(buf) and not buf[pos]:
+                pos += 1
+                continue
+            if flags == _PAGE_NEXT and len(buf) - pos >= PAGE:
+                ram.page(offset, memoryview(buf)[pos : pos + PAGE])
+                pos += PAGE
+                continue
         if flags & ~_KNOWN:
             raise StreamFormatError(f"RAM page flags {flags:#x} are not supported")
         if flags & FLAG_EOS:
@@ -329,6 +343,7 @@ def _split_pages(
         if not flags & FLAG_CONTINUE:
             length = buf[pos] if pos < len(buf) else 0
             ram.block = bytes(buf[pos + 1 : pos + 1 + length])
+            in_ram = ram.block == RAM_IDSTR
             pos += 1 + length
         elif not ram.block:
             raise StreamFormatError("a RAM page continues a block never named")
