@@ -154,7 +154,7 @@ def test_ensure_guest_is_idempotent(guest: GuestImage) -> None:
     assert (again.kernel.stat().st_mtime_ns, again.initrd.stat().st_mtime_ns) == before
     manifest = again.read_manifest()
     assert manifest["kernel"]["package"].startswith("linux-image-")
-    assert manifest["modules"][-1] == "qemu_fw_cfg"
+    assert manifest["modules"][-1] == "virtio_balloon"
 
 
 def test_module_load_order_follows_dependencies() -> None:

@@ -14,7 +14,7 @@ from tests.fakevmm import FAKE_SSH_PORT
 from tests.test_http import assert_error, boot_body
 from vmmgate.infra.registry import Registry
 from vmmgate.model import VmState
-from vmmgate.vmm.machine import NetSpec, check_guest_ip, user_netdev
+from vmmgate.vmm.network import NetSpec, check_guest_ip, user_netdev
 from vmmgate.web.extensions import get_service
 
 CONFIG = {"username": "anirudha", "password": "p", "id": 10}

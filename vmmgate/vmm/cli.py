@@ -24,7 +24,8 @@ from vmmgate.vmm.accel import ACCELS
 from vmmgate.vmm.access import SnapshotRoots, read_secret
 from vmmgate.vmm.errors import InvalidRequest, VmmError
 from vmmgate.vmm.listener import listening_socket
-from vmmgate.vmm.machine import KernelBoot, check_guest_ip
+from vmmgate.vmm.machine import KernelBoot
+from vmmgate.vmm.network import check_guest_ip
 from vmmgate.vmm.vm import VirtualMachine
 
 log = logging.getLogger("vmmgate.vmm")

@@ -9,6 +9,7 @@ descriptor handed to it with ``getfd`` (``fd:`` URI, so no shell is involved).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from vmmgate.shared.snapfile import STREAM_OFFSET
 from vmmgate.vmm.errors import SnapshotFileError, SnapshotIOError
@@ -80,7 +81,11 @@ def load_device_state(machine: QemuMachine, fd: int) -> None:
 
 
 def save_split(
-    machine: QemuMachine, cpu_fd: int, mem_fd: int, memory_size: int
+    machine: QemuMachine,
+    cpu_fd: int,
+    mem_fd: int,
+    memory_size: int,
+    on_pages: Callable[[], None] | None = None,
 ) -> tuple[int, int]:
     """Snapshot a VM whose RAM QEMU maps privately (a lazy restore); see :mod:`ramstream`.
 
@@ -99,7 +104,7 @@ def save_split(
         machine.qmp("migrate", uri=f"fd:{_FD_NAME}")
         try:
             result = ramstream.split(
-                read_end, cpu_fd, STREAM_OFFSET, mem_fd, memory_size
+                read_end, cpu_fd, STREAM_OFFSET, mem_fd, memory_size, on_pages
             )
         except ramstream.StreamFormatError as exc:
             os.close(read_end)  # QEMU's next write fails: its migration ends

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 
 PAGE = 4096
 _PAGE_MASK = PAGE - 1
@@ -207,13 +208,19 @@ def _find_ram_section(head: bytes) -> tuple[int, int]:
 
 
 def split(
-    src: int, cpu: int, cpu_offset: int, memory: int, memory_size: int
+    src: int,
+    cpu: int,
+    cpu_offset: int,
+    memory: int,
+    memory_size: int,
+    on_pages: Callable[[], None] | None = None,
 ) -> tuple[int, int]:
     """Read QEMU's stream from ``src`` to its end, splitting it as the module says.
 
     The device state goes to ``cpu`` from ``cpu_offset``; the pages of the RAM
     block go to ``memory`` at their offsets (which must be below
     ``memory_size``; the file is expected empty: zero pages are not written).
+    ``on_pages`` is called once, when the first RAM pages are about to be read.
     Return (bytes of device state, bytes of RAM written).
     """
     reader = _Reader(src)
@@ -225,6 +232,8 @@ def split(
     out.write(reader.take(payload))
     _copy_setup(reader, out, memory_size)
     _copy_footer(reader, out, section_id)
+    if on_pages is not None:
+        on_pages()
     while True:
         if not reader.fill(5):
             raise StreamFormatError(

@@ -222,10 +222,10 @@ def write_snapshot(
             else:
                 # The RAM is in QEMU's private mapping: it comes with the device state.
                 _phase("device_state")
-                _phase("ram_copy")
                 stream_length, written = save_split(
-                    machine, cpu_file.fd, mem_file.fd, memory_size
-                )
+                    machine, cpu_file.fd, mem_file.fd, memory_size,
+                    on_pages=lambda: _phase("ram_copy"),
+                )  # fmt: skip
                 phases["ram_copy"] = time.perf_counter() - started
             os.ftruncate(mem_file.fd, memory_size)
             _pwrite_all(

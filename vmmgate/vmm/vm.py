@@ -21,13 +21,8 @@ from vmmgate.vmm import accel as accel_mod
 from vmmgate.vmm import features, migration, nofallocate, ramcopy
 from vmmgate.vmm.access import SnapshotRoots
 from vmmgate.vmm.errors import Conflict, InvalidRequest
-from vmmgate.vmm.machine import (
-    KernelBoot,
-    MachineSpec,
-    NetSpec,
-    QemuMachine,
-    find_qemu,
-)
+from vmmgate.vmm.machine import KernelBoot, MachineSpec, QemuMachine, find_qemu
+from vmmgate.vmm.network import NetSpec
 
 # Not `from typing import ...`: typing costs every VMM start ~7 ms, for annotations only.
 TYPE_CHECKING = False
