@@ -281,6 +281,7 @@ SPAWN_ENV_NAMES = frozenset(
         "VMMGATE_ACCEL",
         "VMMGATE_QEMU",
         "VMMGATE_INITRD",
+        "VMMGATE_RESTORE_RAM",
     }
 )
 

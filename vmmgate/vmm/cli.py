@@ -40,6 +40,10 @@ DEFAULT_CMDLINE = (
 )
 
 
+#: How a restore gets the guest RAM (--restore-ram, $VMMGATE_RESTORE_RAM).
+RESTORE_RAM = ("lazy", "copy")
+
+
 def parse_kernel_arg(value: str) -> dict[str, str]:
     """Parse ``path=KERNEL[,starter_file=FILE]`` (a bare path is taken as ``path=``)."""
     if "=" not in value.split(",", 1)[0]:
@@ -119,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--console-log", help="serial console log file (default: console-PORT.log)"
     )
-    p.add_argument("--restore-ram", choices=("lazy", "copy"), default="lazy",
+    p.add_argument("--restore-ram", choices=RESTORE_RAM,
+                   default=os.environ.get("VMMGATE_RESTORE_RAM", "lazy"),
                    help="restore: map the memory file copy-on-write, pages loaded as the "
                         "guest touches them (lazy, the default), or copy it into memory "
                         "first (copy)")  # fmt: skip
@@ -157,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if restore and not (args.cpu_path and args.memory_path):
         parser.error("a restore needs both --cpu_path and --memory_path")
+    if args.restore_ram not in RESTORE_RAM:
+        parser.error(
+            f"VMMGATE_RESTORE_RAM={args.restore_ram!r}: expected one of {', '.join(RESTORE_RAM)}"
+        )
     if restore and args.guest_ip:
         parser.error("--guest-ip is for a boot; a restore takes it from the snapshot")
     if args.auth_fd is not None:
