@@ -23,6 +23,7 @@ bench: setup  ## print the benchmark tables (see README)
 	$(PY) benchmarks/slow_clients.py
 	$(PY) benchmarks/boot_bench.py
 	$(PY) benchmarks/restore_bench.py
+	$(PY) benchmarks/warm_bench.py
 
 setup: system-packages $(VENV)/.installed guest bytecode
 

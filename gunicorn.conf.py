@@ -66,6 +66,12 @@ def on_starting(server):
     gunicorn_hooks.on_starting(server)
 
 
+def worker_exit(server, worker):
+    """Stop the worker's pre-started VMMs while its event loop still runs (atexit
+    is only the fallback)."""
+    gunicorn_hooks.worker_exit()
+
+
 def when_ready(server):
     """Say where the server really listens; warn once per exposed address without a token.
 

@@ -39,6 +39,8 @@ def fake_vmm_server(base: Path, **env: str) -> Server:
         "VMMGATE_KERNEL_ROOTS": str(base),
         "VMMGATE_VMM_ENV": FAKE_VMM_ENV,
         "FAKE_VMM_MODE": "ok",
+        # The fake cannot be pre-started (tests/test_warm_pool.py tries it).
+        "VMMGATE_WARM_VMMS": "0",
         **env,
     }
     return make_server(base / "state", base / "gunicorn.log", **settings)
@@ -92,6 +94,8 @@ def make_app(
             # defaults (the guest dir, <state>/snapshots) have tests of their own.
             "VMMGATE_KERNEL_ROOTS": str(work),
             "VMMGATE_SNAPSHOT_ROOTS": str(work),
+            # The fake cannot be pre-started (tests/test_warm_pool.py tries it).
+            "VMMGATE_WARM_VMMS": 0,
         }
         settings.update(overrides)
         app = create_app(settings)

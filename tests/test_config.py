@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -138,6 +139,20 @@ def test_settings_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert (settings.default_memory_mib, settings.default_vcpus) == (256, 1)
     assert settings.max_body_bytes == 1 << 20
     assert settings.registry_path == settings.state_dir / "registry.sqlite3"
+    assert settings.warm_vmms == config.default_warm_vmms()
+
+
+@pytest.mark.parametrize(
+    ("cpus", "warm"), [(None, None), (1, 1), (2, 1), (4, 2), (8, 4), (64, 4)]
+)
+def test_default_warm_pool_is_half_the_cpus_from_1_to_4(
+    cpus: int | None, warm: int | None
+) -> None:
+    """One pre-started VMM per worker on a 2-core machine, at most 4."""
+    if cpus is None:  # this machine
+        cpus = os.cpu_count() or 1
+        warm = max(1, min(4, cpus // 2))
+    assert config.default_warm_vmms(cpus) == warm
 
 
 def test_settings_from_environment_strings(tmp_path: Path) -> None:
@@ -151,6 +166,7 @@ def test_settings_from_environment_strings(tmp_path: Path) -> None:
         "VMMGATE_KERNEL_ROOTS": f"/srv/kernels{':'}images",
         "VMMGATE_DEFAULT_MEMORY_MIB": "512",
         "VMMGATE_DEFAULT_VCPUS": "2",
+        "VMMGATE_WARM_VMMS": "0",
         "UNRELATED": "x",
     }
     settings = config.load_settings(config.from_environ(environ), cwd=tmp_path)
@@ -166,6 +182,7 @@ def test_settings_from_environment_strings(tmp_path: Path) -> None:
     )
     assert settings.snapshot_roots == (settings.state_dir / "snapshots",)
     assert (settings.default_memory_mib, settings.default_vcpus) == (512, 2)
+    assert settings.warm_vmms == 0
 
 
 def test_relative_vmm_command_is_taken_from_the_working_directory(
@@ -187,6 +204,9 @@ def test_relative_vmm_command_is_taken_from_the_working_directory(
         ("VMMGATE_READY_TIMEOUT", "soon"),
         ("VMMGATE_READY_TIMEOUT", "0"),
         ("VMMGATE_DEFAULT_VCPUS", "0"),
+        ("VMMGATE_WARM_VMMS", "-1"),
+        ("VMMGATE_WARM_VMMS", "65"),
+        ("VMMGATE_WARM_VMMS", "some"),
         ("VMMGATE_VMM_COMMAND", ""),
         ("VMMGATE_VMM_COMMAND", "'unclosed"),
         ("VMMGATE_STATE_DIR", "/tmp/a,b"),

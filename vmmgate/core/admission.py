@@ -10,6 +10,12 @@ the primary key, tied to the slot by its token), so two snapshots never write
 the same file at once, whichever VMs and workers they come from. A slot whose
 worker died is recognised by the worker's pid and start time and taken back,
 its target locks with it.
+
+Pre-started VMMs (the warm pool, :mod:`vmmgate.core.warm`) hold rows in
+``warm_vmms``, so every worker counts every worker's: a member is only started
+while one more VM of the default size would still be admitted with the members
+counted as VMs, and given up when that no longer holds. A create never counts
+them (it is never refused because of a pool member).
 """
 
 from __future__ import annotations
@@ -49,6 +55,16 @@ _TARGETS_SCHEMA = """CREATE TABLE IF NOT EXISTS snapshot_targets (
 )"""
 
 
+#: One row per warm pool member; ``pid`` is set once it is ready for a job.
+_WARM_SCHEMA = """CREATE TABLE IF NOT EXISTS warm_vmms (
+    token        TEXT PRIMARY KEY,
+    owner_pid    INTEGER NOT NULL,
+    owner_start  INTEGER,
+    pid          INTEGER,
+    pid_start    INTEGER
+)"""
+
+
 def vm_admission(
     limits: Limits, memory_mib: int, default_memory_mib: int
 ) -> Callable[[sqlite3.Connection], None]:
@@ -60,11 +76,7 @@ def vm_admission(
     """
 
     def admit(db: sqlite3.Connection) -> None:
-        count, memory = db.execute(
-            f"SELECT COUNT(*), COALESCE(SUM(COALESCE(memory_mib, ?)), 0) "
-            f"FROM vms WHERE state IN {LIVE_SQL}",
-            (default_memory_mib,),
-        ).fetchone()
+        count, memory = _live_vms(db, default_memory_mib)
         if count + 1 > limits.max_vms:
             raise LimitExceeded(
                 f"The server already runs {count} VMs, its limit "
@@ -78,6 +90,76 @@ def vm_admission(
             )
 
     return admit
+
+
+def _live_vms(db: sqlite3.Connection, default_memory_mib: int) -> tuple[int, int]:
+    """Return the live VMs' count and guest memory (unknown sizes count the default)."""
+    return db.execute(
+        f"SELECT COUNT(*), COALESCE(SUM(COALESCE(memory_mib, ?)), 0) "
+        f"FROM vms WHERE state IN {LIVE_SQL}",
+        (default_memory_mib,),
+    ).fetchone()
+
+
+class WarmSlots:
+    """The warm pool members of all workers, in the registry file, within the VM limits."""
+
+    def __init__(self, registry: Registry, limits: Limits, memory_mib: int) -> None:
+        self.registry = registry
+        self.limits = limits
+        #: What a member counts as: a VM of the default size.
+        self.memory_mib = memory_mib
+
+    def create(self) -> None:
+        """Create the table (idempotent)."""
+        with self.registry.transaction() as db:
+            db.execute(_WARM_SCHEMA)
+
+    def _room(self, db: sqlite3.Connection) -> int:
+        """Return how many more default VMs fit, the members counted as VMs."""
+        for token, owner, owner_start, pid, pid_start in db.execute(
+            "SELECT token, owner_pid, owner_start, pid, pid_start FROM warm_vmms"
+        ).fetchall():
+            # A dead worker's members died with it (parent-death signal).
+            gone = pid is not None and not is_same_process(pid, pid_start)
+            if gone or not is_same_process(owner, owner_start):
+                db.execute("DELETE FROM warm_vmms WHERE token = ?", (token,))
+        (members,) = db.execute("SELECT COUNT(*) FROM warm_vmms").fetchone()
+        count, memory = _live_vms(db, self.memory_mib)
+        by_count = self.limits.max_vms - count - members
+        by_memory = (self.limits.max_total_memory_mib - memory) // self.memory_mib
+        return min(by_count, by_memory - members)
+
+    def reserve(self) -> str | None:
+        """Take a member's slot if one more VM would still be admitted; None if not."""
+        me = os.getpid()
+        with self.registry.transaction() as db:
+            if self._room(db) < 1:
+                return None
+            token = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO warm_vmms (token, owner_pid, owner_start) VALUES (?, ?, ?)",
+                (token, me, procfs.start_time(me)),
+            )
+        return token
+
+    def ready(self, token: str, pid: int, start_time: int | None) -> None:
+        """Record the member's process once it is ready (so others see when it dies)."""
+        with self.registry.transaction() as db:
+            db.execute(
+                "UPDATE warm_vmms SET pid = ?, pid_start = ? WHERE token = ?",
+                (pid, start_time, token),
+            )
+
+    def surplus(self) -> int:
+        """Return how many members are beyond what the limits leave room for."""
+        with self.registry.transaction() as db:
+            return max(0, -self._room(db))
+
+    def release(self, token: str) -> None:
+        """Give a member's slot back (it became a VM, or it ended)."""
+        with self.registry.transaction() as db:
+            db.execute("DELETE FROM warm_vmms WHERE token = ?", (token,))
 
 
 class SnapshotSlots:

@@ -12,7 +12,7 @@ rest of the server asks it instead of comparing names:
 - the readiness probe: the bundled VMM's ``status`` RPC, or an accepted connection;
 - the snapshot pair check before a restore, and reading a snapshot's header;
 - the recovery of the snapshot paths after a VMM died while it wrote them;
-- the health check of what the VMM runs (QEMU).
+- the health check of what the VMM runs (QEMU), and whether it can be pre-started.
 """
 
 from __future__ import annotations
@@ -81,10 +81,7 @@ class SnapshotHeader:
 
 
 def verify_snapshot_pair(cpu_path: Path, memory_path: Path) -> int:
-    """Check with the bundled VMM's own reader that the two files are one snapshot.
-
-    Return the snapshot's guest memory in MiB.
-    """
+    """Check with the bundled VMM's reader that the files are one snapshot; return its MiB."""
     # Imported here: the snapshot format is loaded only when a restore needs it.
     from vmmgate.shared.snapfile import SnapshotFileError, verify_pair
 
@@ -105,6 +102,8 @@ class Flavor(ABC):
     inherits_socket: bool
     #: Whether the VMM takes an RPC secret (``--auth-fd``), required on every call.
     authenticates: bool
+    #: The option that pre-starts the VMM before its VM is known (None: it cannot).
+    warm_option: str | None = None
 
     def argv(
         self,
@@ -193,6 +192,7 @@ class BundledFlavor(Flavor):
     name = BUNDLED
     inherits_socket = True
     authenticates = True
+    warm_option = "--warm"  # vmmgate.vmm.warm: waits for its job on an inherited socket
 
     def options(
         self,
@@ -311,11 +311,10 @@ class BundledFlavor(Flavor):
         """Tell whether QEMU, which the bundled VMM runs, is installed."""
         qemu = state.qemu_path()
         if not qemu:
-            missing = (
+            return False, (
                 "qemu-system-x86_64 not found on PATH: install the Debian package "
                 "qemu-system-x86 (or set VMMGATE_QEMU)"
             )
-            return False, missing
         if not os.access(qemu, os.X_OK):
             return False, f"{qemu} is not executable"
         return True, qemu

@@ -8,6 +8,9 @@ Ports are never raced for:
 - a VMM that knows only the original command line: pick a free port, reserve
   it in the registry (UNIQUE among live VMs), retry if someone else took it.
 
+A bundled VMM is taken from the worker's warm pool when one is ready
+(:mod:`vmmgate.core.warm`): the same command line, minus Python's start-up.
+
 Nothing is half created: a refused launch leaves no row, no process and no
 run directory; a VMM that never becomes ready is stopped and recorded failed.
 """
@@ -23,12 +26,13 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping
 
-from vmmgate.core.admission import vm_admission
+from vmmgate.core.admission import WarmSlots, vm_admission
 from vmmgate.core.flavors import Flavor, LaunchSpec
 from vmmgate.core.inherit import port_is_free
 from vmmgate.core.records import VmRecords
 from vmmgate.core.rundir import RunDir, check_state_dir, registry_error
 from vmmgate.core.vmm_handle import VmmHandle
+from vmmgate.core.warm import WarmPool
 from vmmgate.errors import LimitExceeded, NoFreePort, VmmStartError
 from vmmgate.infra.config import TOKEN_KEYS, Settings
 from vmmgate.infra.registry import PortTaken, Registry, new_vm_id
@@ -51,6 +55,13 @@ class Launcher:
         self.registry = registry
         self.flavor = flavor
         self.records = records
+        slots = WarmSlots(registry, settings.limits, settings.default_memory_mib)
+        self.pool = WarmPool(settings, slots, flavor, lambda: spawn_env(settings))
+
+    def _ended(self, row: VmRecord, status: int | None) -> None:
+        """Record a VM's end, and let the pool see the room it left."""
+        self.records.record_end(row, status)
+        self.pool.wake()
 
     def launch(self, spec: LaunchSpec) -> VmRecord:
         """Start a VMM for ``spec``, wait until it answers, and return its record."""
@@ -220,7 +231,8 @@ class Launcher:
                 settings.vmm_command,
                 spec,
                 env,
-                on_exit=lambda status: self.records.record_end(row, status),
+                on_exit=lambda status: self._ended(row, status),
+                pool=self.pool,
             )
         except VmmStartError:
             self.records.record_end(row, None)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Self
 from vmmgate.core.flavors import Flavor, LaunchSpec
 from vmmgate.core.inherit import listening_socket, secret_pipe
 from vmmgate.core.rundir import RunDir
+from vmmgate.core.warm import WarmJob, WarmPool
 from vmmgate.errors import (
     RpcError,
     VmmgateError,
@@ -185,8 +186,13 @@ class VmmHandle:
         spec: LaunchSpec,
         env: dict[str, str],
         on_exit: Callable[[int], None] | None = None,
+        pool: WarmPool | None = None,
     ) -> int:
-        """Start the VMM for ``spec`` in its own session, and its reaper; return its pid."""
+        """Start the VMM for ``spec`` in its own session, and its reaper; return its pid.
+
+        A ready member of ``pool`` takes the job if there is one (the same VMM,
+        minus its start-up); this handle then owns it as one it spawned.
+        """
         if self._popen is not None:
             raise RuntimeError(f"VMM for {self.vm_id} already started")
         listen_fd = self._sockets[-1].fileno() if self._sockets else None
@@ -200,16 +206,27 @@ class VmmHandle:
             self.log.debug("starting VMM: %s", self.argv)
             inherited = tuple(fd for fd in (listen_fd, auth_fd) if fd is not None)
             with open(self.run_dir.vmm_log, "ab") as out:
-                self._popen = subprocess.Popen(
-                    self.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.run_dir.path,
-                    env=env,
-                    pass_fds=inherited,
-                    start_new_session=True,
+                job = WarmJob(
+                    self.argv[len(command) :],
+                    self.run_dir.path,
+                    out.fileno(),
+                    listen_fd,
+                    auth_fd,
                 )
+                self._popen = pool.hand_over(job) if pool is not None else None
+                if self._popen is not None:
+                    self.log.debug("VMM pid %s was pre-started", self._popen.pid)
+                else:
+                    self._popen = subprocess.Popen(
+                        self.argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=self.run_dir.path,
+                        env=env,
+                        pass_fds=inherited,
+                        start_new_session=True,
+                    )
         except OSError as exc:
             raise VmmStartError(
                 f"Cannot execute the VMM command: {exc}",

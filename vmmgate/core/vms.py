@@ -83,6 +83,8 @@ class Vms:
             PathPolicy.for_settings(settings),
         )
         vms.snapshots.create()
+        # Pre-started VMMs for this worker's creates, refilled in the background.
+        vms.launcher.pool.start()
         # Pairs a dead VMM (or a power loss) left mid-commit, repaired before any
         # request can restore them; then every SWEEP_INTERVAL s in one worker.
         try:

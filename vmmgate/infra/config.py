@@ -61,6 +61,7 @@ SETTING_KEYS = (
     "VMMGATE_CONSOLE_MAX_BYTES",
     "VMMGATE_RPC_PORTS",
     "VMMGATE_VMM_ENV",
+    "VMMGATE_WARM_VMMS",
     *LIMIT_KEYS,
     *TOKEN_KEYS,
 )
@@ -137,6 +138,21 @@ def load_limits(mapping: Mapping[str, Any]) -> Limits:
 
 # --- settings -----------------------------------------------------------------
 
+#: The most pre-started VMMs one worker may keep (VMMGATE_WARM_VMMS).
+MAX_WARM_VMMS = 64
+
+
+def default_warm_vmms(cpus: int | None = None) -> int:
+    """Return the default warm pool size per worker: half the CPUs, 1 to 4.
+
+    A restore is CPU-bound (QEMU starting, device state loading), so more
+    restores at once than there are CPUs only queue; with the default 2
+    workers, half the CPUs each covers a burst of one restore per CPU. Each
+    idle member is a Python process of ~30 MiB, so the default stops at 4.
+    """
+    cpus = cpus if cpus is not None else os.cpu_count() or 1
+    return max(1, min(4, cpus // 2))
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -163,6 +179,8 @@ class Settings:
     #: Extra environment variables a VMM inherits (VMMGATE_VMM_ENV), beyond the
     #: fixed minimal set (vmmgate.core.launcher.SPAWN_ENV_NAMES).
     vmm_env: tuple[str, ...] = ()
+    #: Pre-started VMMs each worker keeps ready (VMMGATE_WARM_VMMS); 0: none.
+    warm_vmms: int = 0
     #: The bearer token every request must carry (vmmgate.web.auth), or None.
     token: str | None = field(default=None, repr=False)
 
@@ -245,6 +263,9 @@ class SettingsSchema(Schema):
         data_key="VMMGATE_RPC_PORTS", allow_none=True, load_default=None
     )
     vmm_env = setting_fields.EnvNames(data_key="VMMGATE_VMM_ENV", load_default=())
+    warm_vmms = integer_setting(
+        "VMMGATE_WARM_VMMS", 0, MAX_WARM_VMMS, load_default=default_warm_vmms
+    )
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -287,6 +308,7 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         console_max_bytes=data["console_max_bytes"],
         rpc_ports=data["rpc_ports"],
         vmm_env=data["vmm_env"],
+        warm_vmms=data["warm_vmms"],
         limits=load_limits(mapping),
         token=load_token(mapping, cwd),
     )

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from vmmgate.shared import exitcodes
@@ -207,8 +208,15 @@ def _import_rpc_stack() -> None:
     importlib.import_module("vmmgate.vmm.runner")
 
 
+#: When a pre-started VMM (vmmgate.vmm.warm) received its job (time.monotonic()).
+job_received: float | None = None
+
+
 def _since_start() -> float:
-    """Seconds since this process started (from /proc, so imports count too)."""
+    """Seconds since this process started (from /proc, so imports count too), or
+    since a pre-started VMM received its job."""
+    if job_received is not None:
+        return time.monotonic() - job_received
     with open("/proc/self/stat") as stat:
         start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
     with open("/proc/uptime") as uptime:

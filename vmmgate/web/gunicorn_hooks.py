@@ -8,6 +8,9 @@
   died become its children. gunicorn reaps unknown children and drops their
   status; :func:`reap_orphans` reaps them first and records the exit status
   in the registry, so such a VM still shows how it ended.
+- Warm pools: a worker that exits stops its pre-started VMMs first
+  (:func:`worker_exit`); one that is killed takes them along (they set a
+  parent-death signal).
 
 This module must not import prometheus-client: the master sets the variable
 that decides, at import, how prometheus-client stores values in the workers
@@ -67,6 +70,14 @@ def reap_orphans(arbiter: Any, registry: Registry) -> None:
         )
         if recorded:
             log.info("adopted VMM pid %s exited with status %s", pid, status)
+
+
+def worker_exit() -> None:
+    """Stop the exiting worker's pre-started VMMs (the worker, after its last request)."""
+    # Imported here: the master, which imports this module, never has a pool.
+    from vmmgate.core.warm import close_pools
+
+    close_pools()
 
 
 def on_starting(arbiter: Any) -> None:
