@@ -102,6 +102,10 @@ class Server:
     log: Path
     env: dict[str, str]
     process: subprocess.Popen[bytes] | None = None
+    #: The Python that runs gunicorn, and the tree holding app.py and gunicorn.conf.py
+    #: (a test may run the server from a scratch copy of both).
+    python: str = sys.executable
+    root: Path = PROJECT_ROOT
 
     @property
     def pid(self) -> int:
@@ -119,13 +123,13 @@ class Server:
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
+                    self.python,
                     "-m",
                     "gunicorn",
                     "-c",
-                    str(PROJECT_ROOT / "gunicorn.conf.py"),
+                    str(self.root / "gunicorn.conf.py"),
                 ],
-                cwd=PROJECT_ROOT,
+                cwd=self.root,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -7,14 +7,21 @@ directories, guest image) or the code trees (the project, the virtualenv, the
 Python installation) can be read or written; a relative snapshot path is taken
 from the first snapshot root. Through a real gunicorn with the fake VMM: a
 refusal never reaches a VMM, so the fake stands for nothing here.
+
+The attacked servers run from a scratch install (a copy of the project and a
+virtualenv of its own that sees the real one's packages), so a protection
+that broke would damage that copy, never this checkout or its virtualenv.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import subprocess
 import sys
 import sysconfig
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,10 +54,54 @@ def boot(server: Server) -> dict:
     return answer.json
 
 
+@dataclass(frozen=True)
+class Install:
+    """A scratch copy of the project and a virtualenv of its own to run it."""
+
+    root: Path
+    python: Path
+    site: Path
+
+
+def scratch_install(base: Path) -> Install:
+    """Copy the project's code to ``base`` and make a virtualenv seeing our packages."""
+    root = base / "project"
+    shutil.copytree(
+        PROJECT_ROOT / "vmmgate",
+        root / "vmmgate",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("app.py", "gunicorn.conf.py", "Rocket.toml"):
+        shutil.copy2(PROJECT_ROOT / name, root / name)
+    venv = base / "venv"
+    subprocess.run(
+        [sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True
+    )
+    python = venv / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True, capture_output=True, text=True,
+        ).stdout.strip()
+    )  # fmt: skip
+    # Our packages (gunicorn, Flask, ...), after the scratch tree on PYTHONPATH.
+    (site / "our-packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return Install(root, python, site)
+
+
+def scratch_server(base: Path, **env: str) -> Server:
+    """A fake-VMM gunicorn run from a scratch install under ``base``."""
+    install = scratch_install(base)
+    srv = fake_vmm_server(base, PYTHONPATH=str(install.root), **env)
+    srv.python, srv.root = str(install.python), install.root
+    srv.install = install  # type: ignore[attr-defined]
+    return srv
+
+
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn with the fake VMM and no snapshot roots configured."""
-    srv = fake_vmm_server(tmp_path_factory.mktemp("roots-default"))
+    srv = scratch_server(tmp_path_factory.mktemp("roots-default"))
     with srv.running():
         yield srv
         srv.stop_all_vms()
@@ -60,7 +111,7 @@ def default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 def wide_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn whose roots are <state>/snapshots and ``/``: the protection holds alone."""
     base = tmp_path_factory.mktemp("roots-wide")
-    srv = fake_vmm_server(base, VMMGATE_SNAPSHOT_ROOTS=f"{base}/state/snapshots{':'}/")
+    srv = scratch_server(base, VMMGATE_SNAPSHOT_ROOTS=f"{base}/state/snapshots{':'}/")
     with srv.running():
         yield srv
         srv.stop_all_vms()
@@ -90,14 +141,15 @@ def test_default_snapshot_root_is_created_and_takes_relative_paths(
 
 
 def attack_targets(server: Server) -> dict[str, Path]:
-    """The server's own files that the review overwrote through /snapshot."""
-    site = Path(sysconfig.get_paths()["purelib"])
+    """The server's own files that the review overwrote through /snapshot (in its
+    scratch install: the project copy and its virtualenv)."""
+    install: Install = server.install  # type: ignore[attr-defined]
     return {
         "registry": server.state / "registry.sqlite3",
-        "app.py": PROJECT_ROOT / "app.py",
-        "gunicorn.conf.py": PROJECT_ROOT / "gunicorn.conf.py",
-        "pth": site / "vmmgate-attack.pth",
-        "python": Path(sys.prefix) / "pyvenv.cfg",
+        "app.py": install.root / "app.py",
+        "gunicorn.conf.py": install.root / "gunicorn.conf.py",
+        "pth": install.site / "vmmgate-attack.pth",
+        "python": install.python.parent.parent / "pyvenv.cfg",
     }
 
 
@@ -176,7 +228,7 @@ def test_relative_and_symlinked_ways_in_are_refused(wide_server: Server) -> None
             "/create",
             {
                 "cpu_snapshot_path": str(registry),
-                "memory_snapshot_path": str(PROJECT_ROOT / "app.py"),
+                "memory_snapshot_path": str(wide_server.root / "app.py"),
                 "kernel_path": "<kernel>",
                 "resume": True,
             },
