@@ -128,7 +128,7 @@ class PathPolicy:
             )  # fmt: skip
             relative_to = f"the first snapshot root ({base})"
         resolved = Path(os.path.realpath(os.path.join(base, raw)))
-        if not any(_within(resolved, root) for root in roots):
+        if not any(resolved.is_relative_to(root) for root in roots):
             shown = ", ".join(str(root) for root in roots)
             raise PathRefused(
                 # Never the resolved path: through a symlink it would tell
@@ -137,19 +137,14 @@ class PathPolicy:
                 f"symlinks and '..' followed; relative paths are taken from {relative_to}. "
                 f"Add a root with {setting} (directories separated by {os.pathsep!r})."
             )
-        tree = next((t for t in self.protected if _within(resolved, t)), None)
-        if tree is not None and not (allowed and _within(resolved, allowed)):
+        tree = next((t for t in self.protected if resolved.is_relative_to(t)), None)
+        if tree is not None and not (allowed and resolved.is_relative_to(allowed)):
             raise PathRefused(
                 f"{field} {raw!r} leads into the server's own state or code ({tree}), "
                 "symlinks and '..' followed; no client path may reach it, whatever the "
                 f"roots. Use a directory outside it{_home_hint(kind, allowed)}."
             )
         return resolved
-
-
-def _within(path: Path, tree: Path) -> bool:
-    """Tell whether ``path`` is ``tree`` or inside it."""
-    return path == tree or path.is_relative_to(tree)
 
 
 def _home_hint(kind: str, allowed: Path | None) -> str:

@@ -340,20 +340,17 @@ def _refuse_protected_roots(settings: Settings) -> None:
         (settings.snapshot_roots, settings.snapshot_home, "VMMGATE_SNAPSHOT_ROOTS"),
     ):
         for root in roots:
-            if _within(root, allowed):
+            if root.is_relative_to(allowed):
                 continue
-            tree = next((t for t in settings.protected_trees if _within(root, t)), None)
+            tree = next(
+                (t for t in settings.protected_trees if root.is_relative_to(t)), None
+            )
             if tree is not None:
                 raise ConfigError(
                     f"{setting}: {root} is inside {tree}, the server's own state or "
                     "code, where no client path may lead; choose a directory outside "
                     f"it (the default snapshot root is {settings.snapshot_home})."
                 )
-
-
-def _within(path: Path, tree: Path) -> bool:
-    """Tell whether ``path`` is ``tree`` or inside it."""
-    return path == tree or path.is_relative_to(tree)
 
 
 def load_token(mapping: Mapping[str, Any], cwd: Path) -> str | None:
