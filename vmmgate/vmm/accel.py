@@ -9,8 +9,6 @@ VMMs starting together probe once.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import logging
 import os
 import select
@@ -18,7 +16,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from vmmgate.shared.state import state_dir
+from vmmgate.vmm import features
 from vmmgate.vmm.errors import QemuError
 
 log = logging.getLogger(__name__)
@@ -91,21 +89,12 @@ def choose_accel(requested: str, qemu: str, kernel: Path | None) -> str:
         return "kvm"
     if kernel is None or not kvm_openable():
         return "tcg"
-    cache = state_dir() / "accel-probe.json"
     key = f"{_boot_id()}:{qemu}"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.with_suffix(".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("key") == key:
-                return cached["accel"]
-        except (OSError, ValueError):
-            pass
+
+    def probe() -> str:
         started = time.monotonic()
         accel = "kvm" if probe_kvm(qemu, kernel) else "tcg"
         log.info("KVM probe chose %s in %.1f s", accel, time.monotonic() - started)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": key, "accel": accel}))
-        os.replace(tmp, cache)
         return accel
+
+    return features.cached("accel-probe.json", key, probe)

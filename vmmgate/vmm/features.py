@@ -3,6 +3,7 @@
 ``qemu -device NAME,help`` lists a device's properties; the answers are cached
 in the state directory, keyed by the binary's path, size and modification
 time, so a VMM pays for the probe once per QEMU installed, not per start.
+:func:`cached` is the cache, also for the KVM probe (vmmgate.vmm.accel).
 """
 
 from __future__ import annotations
@@ -12,8 +13,16 @@ import json
 import logging
 import os
 import subprocess
+from collections.abc import Callable
 
 from vmmgate.shared.state import state_dir
+
+# Not `from typing import ...`: typing costs every VMM start ~7 ms, for annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TypeVar
+
+    T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +54,18 @@ def _probe(qemu: str, device: str) -> list[str]:
     return names
 
 
-def device_properties(qemu: str, device: str) -> frozenset[str]:
-    """Return the properties ``qemu`` has for ``device`` (cached; empty: no such device)."""
-    cache = state_dir() / "qemu-features.json"
-    key = f"{_key(qemu)}:{device}"
+#: Answers a cache file keeps (the newest): stale ones are for other hosts' boots
+#: or QEMU binaries long replaced.
+CACHE_ENTRIES = 32
+
+
+def cached(name: str, key: str, probe: Callable[[], T]) -> T:
+    """Return the answer cached under ``key`` in ``<state>/name``, probing once if none.
+
+    The file is JSON, ``{key: answer}``; a lock beside it makes VMMs starting
+    together probe once, and the new file replaces the old one whole.
+    """
+    cache = state_dir() / name
     cache.parent.mkdir(parents=True, exist_ok=True)
     with open(cache.with_suffix(".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -59,11 +76,18 @@ def device_properties(qemu: str, device: str) -> frozenset[str]:
         except (OSError, ValueError):
             known = {}
         if key not in known:
-            known[key] = _probe(qemu, device)
+            known[key] = probe()
+            kept = dict(list(known.items())[-CACHE_ENTRIES:])
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(known))
+            tmp.write_text(json.dumps(kept))
             os.replace(tmp, cache)
-        return frozenset(known[key])
+        return known[key]
+
+
+def device_properties(qemu: str, device: str) -> frozenset[str]:
+    """Return the properties ``qemu`` has for ``device`` (cached; empty: no such device)."""
+    key = f"{_key(qemu)}:{device}"
+    return frozenset(cached("qemu-features.json", key, lambda: _probe(qemu, device)))
 
 
 def has_free_page_reporting(qemu: str) -> bool:
