@@ -201,8 +201,9 @@ def start_vm(args: argparse.Namespace) -> VirtualMachine:
                                   lazy=args.restore_ram == "lazy")  # fmt: skip
 
 
-def _import_rpc_stack() -> None:
-    """Import the QMP client, snapshot writer and RPC server (in a thread while QEMU starts)."""
+def import_rpc_stack() -> None:
+    """Import the QMP client, snapshot writer and RPC server (in a thread while QEMU
+    starts, or ahead of any VM in a pre-started VMM: vmmgate.vmm.warm)."""
     importlib.import_module("qemu.qmp.legacy")
     importlib.import_module("vmmgate.vmm.snapshot")
     importlib.import_module("vmmgate.vmm.runner")
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     # since a restore is mostly waiting on QEMU and the kernel. The VMM never
     # speaks TLS, so tornado need not load the system CA bundle at import.
     os.environ["SSL_CERT_FILE"] = os.devnull
-    importer = threading.Thread(target=_import_rpc_stack)
+    importer = threading.Thread(target=import_rpc_stack)
     importer.start()
     try:
         sock = listening_socket(args.port, args.listen_fd)

@@ -9,7 +9,6 @@ no socket path exists to race on or delete. QEMU gets
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shutil
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from vmmgate.shared.consolelog import DEFAULT_MAX_BYTES
 from vmmgate.shared.state import qemu_path
-from vmmgate.vmm import nofallocate
+from vmmgate.vmm import nofallocate, prctl
 from vmmgate.vmm.console import ConsoleLog, ConsolePump
 from vmmgate.vmm.errors import QemuError, QemuLaunchError
 from vmmgate.vmm.network import NetSpec, user_netdev
@@ -40,7 +39,6 @@ QMP_TIMEOUT = 30.0
 #: How long closing waits for the console thread to write QEMU's last output.
 CONSOLE_DRAIN_S = 2.0
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-_PR_SET_PDEATHSIG = 1
 
 
 def find_qemu() -> str:
@@ -82,8 +80,7 @@ class KernelBoot:
 
 def _set_pdeathsig() -> None:
     """In the child: die with the parent."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl.set_parent_death_signal(signal.SIGKILL)
 
 
 def build_argv(

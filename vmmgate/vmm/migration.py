@@ -106,17 +106,14 @@ def save_split(
             result = ramstream.split(
                 read_end, cpu_fd, STREAM_OFFSET, mem_fd, memory_size, on_pages
             )
-        except ramstream.StreamFormatError as exc:
+        except (ramstream.StreamFormatError, OSError) as exc:
             os.close(read_end)  # QEMU's next write fails: its migration ends
             read_end = -1
             _outcome(machine)
-            raise SnapshotIOError(
-                f"cannot split QEMU's migration stream: {exc}"
-            ) from None
-        except OSError:
-            os.close(read_end)
-            read_end = -1
-            _outcome(machine)
+            if isinstance(exc, ramstream.StreamFormatError):
+                raise SnapshotIOError(
+                    f"cannot split QEMU's migration stream: {exc}"
+                ) from None
             raise
     finally:
         for fd in (read_end, write_end):

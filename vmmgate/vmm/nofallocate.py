@@ -19,8 +19,8 @@ import errno
 import platform
 import struct
 
-_PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_SECCOMP = 22
+from vmmgate.vmm.prctl import PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, prctl
+
 _SECCOMP_MODE_FILTER = 2
 _RET_ALLOW = 0x7FFF0000
 _RET_ERRNO = 0x00050000
@@ -61,16 +61,8 @@ class Filter:
             b"".join(struct.pack("=HBBI", *op) for op in ops)
         )
         self._program = _Program(len(ops), ctypes.addressof(self._code))
-        self._libc = ctypes.CDLL(None, use_errno=True)
 
     def install(self) -> None:
         """In the child: no new privileges, then the filter (raises OSError if refused)."""
-        if self._libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
-        if (
-            self._libc.prctl(
-                _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(self._program), 0, 0
-            )
-            != 0
-        ):
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
+        prctl(PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(self._program))

@@ -55,7 +55,7 @@ class StreamFormatError(ValueError):
 
 
 class _Reader:
-    """Buffered reads from a pipe, with a running count of the bytes consumed."""
+    """Buffered reads from a pipe: ``buf`` from ``pos`` on is read and not yet consumed."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd

@@ -23,8 +23,6 @@ socket closes without a job, it exits 0.
 
 from __future__ import annotations
 
-import ctypes
-import importlib
 import json
 import os
 import signal
@@ -35,6 +33,7 @@ import time
 from typing import Any
 
 from vmmgate.shared import exitcodes
+from vmmgate.vmm.prctl import set_parent_death_signal
 
 WARM_OPTION = "--warm"
 #: The word a member sends once its imports are done.
@@ -43,15 +42,6 @@ READY = b"ready"
 MAX_JOB_BYTES = 256 * 1024
 #: Descriptors a job may pass: the log, the listening socket, the secret pipe.
 MAX_JOB_FDS = 3
-_PR_SET_PDEATHSIG = 1
-#: What a VMM imports before its VM is up: the command line and VM (QEMU
-#: machine, QMP client), the snapshot writer, the RPC server (msgpack-rpc, tornado).
-VMM_IMPORTS = (
-    "vmmgate.vmm.cli",
-    "qemu.qmp.legacy",
-    "vmmgate.vmm.snapshot",
-    "vmmgate.vmm.runner",
-)
 
 
 def split_warm(argv: list[str]) -> tuple[int, list[str]]:
@@ -62,14 +52,6 @@ def split_warm(argv: list[str]) -> tuple[int, list[str]]:
     except (ValueError, IndexError):
         raise ValueError(f"{WARM_OPTION} needs a descriptor number") from None
     return fd, argv[:at] + argv[at + 2 :]
-
-
-def _set_parent_death_signal(sig: int) -> None:
-    """Ask the kernel to send ``sig`` when our parent exits (0: never)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, os.strerror(errno), "prctl(PR_SET_PDEATHSIG)")
 
 
 def _creator_pid(sock: socket.socket) -> int:
@@ -84,8 +66,9 @@ def _import_vmm() -> None:
     """Import everything a VMM imports before its VM is up (what a warm start saves)."""
     # As cli.main does: the VMM never speaks TLS, so tornado need not load the CA bundle.
     os.environ["SSL_CERT_FILE"] = os.devnull
-    for module in VMM_IMPORTS:
-        importlib.import_module(module)
+    from vmmgate.vmm import cli
+
+    cli.import_rpc_stack()
 
 
 def _install(job: dict[str, Any], fds: list[int]) -> list[str]:
@@ -155,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # Idle, a member must die with the worker that started it. The signal is
     # set first of all; if the worker died before, we were already reparented
     # (to the gunicorn master or init), which the pair's creator pid shows.
-    _set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != _creator_pid(sock):
         return 0
     _import_vmm()
@@ -171,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     # From here on a VMM like any other: it must outlive the worker.
-    _set_parent_death_signal(0)
+    set_parent_death_signal(0)
     job, fds = received
     try:
         job_argv = _install(job, fds)
