@@ -226,6 +226,20 @@ def test_concurrent_snapshot_limit(limited: Server, vms: Vms) -> None:
     assert vmm["state"] == "paused" and vmm["snapshots_taken"] == 1
 
 
+def request_waiting(port: int) -> bool:
+    """Tell whether a connection to 127.0.0.1:``port`` holds bytes its listener has not
+    read (``/proc/net/tcp``: established, rx_queue > 0; accepted or not)."""
+    with open("/proc/net/tcp", encoding="ascii") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, state, queues = fields[1], fields[3], fields[4]
+            waiting = int(queues.split(":")[1], 16)
+            if int(local.split(":")[1], 16) == port and state == "01" and waiting:
+                return True
+    return False
+
+
 def test_killed_worker_leaks_no_slot(limited: Server, vms: Vms) -> None:
     """SIGKILL the worker in the middle of a snapshot: no VM place or snapshot slot leaks.
 
@@ -246,6 +260,9 @@ def test_killed_worker_leaks_no_slot(limited: Server, vms: Vms) -> None:
         lambda: slot_holder(limited, first), 60, "the snapshot to hold its slot"
     )
     assert holder in limited.workers()
+    # The worker takes the slot before it sends the call: kill it only once the
+    # call is in the frozen VMM's socket, or the VMM may never get it.
+    wait_for(lambda: request_waiting(first.port), 60, "the call to reach the VMM")
     os.kill(holder, signal.SIGKILL)
     held.wait()
     assert held.answer is None, held.answer  # its worker died before answering
