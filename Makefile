@@ -4,13 +4,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  ?= var
 
-.PHONY: run test lint bench setup system-packages guest bytecode clean
+.PHONY: run test lint bench setup cluster cluster-packages system-packages guest bytecode clean
 
 run: setup  ## install everything, build the demo guest, start the server (Rocket.toml address)
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py
 
-test: setup  ## install everything, build the demo guest, run the whole test suite
+test: setup cluster-packages  ## install everything (the cluster extra too), build the demo guest, run the whole test suite
 	$(PY) -m pytest
+
+NODES ?= 3
+cluster: setup cluster-packages  ## a local NODES-node Ray cluster on 127.0.0.1 and the HTTP front (docs/cluster.md)
+	$(PY) -m vmmgate.cluster.local --nodes $(NODES)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -39,11 +43,21 @@ system-packages:
 # editable last: that puts the `vmmgate` command in $(VENV)/bin. "compat" mode
 # is a plain path entry, not an import hook every Python process (each VMM)
 # would pay for at start.
-$(VENV)/.installed: requirements.txt setup.cfg pyproject.toml
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# An older venv's msgpack-python 0.5 owns the `msgpack` package's files.
+	$(PY) -m pip uninstall --quiet --disable-pip-version-check -y msgpack-python 2>/dev/null || true
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . \
 		--config-settings editable_mode=compat
+	touch $@
+
+# The cluster extra (Ray), pinned; `make run` does without it.
+cluster-packages: $(VENV)/.cluster-installed
+
+$(VENV)/.cluster-installed: $(VENV)/.installed requirements-cluster.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-cluster.txt
 	touch $@
 
 guest: $(VENV)/.installed  ## the demo kernel + initramfs in $(STATE)/guest (no-op when up to date)

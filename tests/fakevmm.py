@@ -51,6 +51,8 @@ import msgpackrpc
 from msgpackrpc.server import AsyncResult
 from msgpackrpc.transport import tcp
 
+from vmmgate.shared import msgpack_compat  # noqa: F401 - the library on msgpack 1.x
+
 #: The SSH port the fake reports without a tap device (nothing listens there).
 FAKE_SSH_PORT = 2222
 

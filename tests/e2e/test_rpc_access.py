@@ -32,6 +32,7 @@ from tests.e2e.test_lifecycle import ok
 from tests.server import Server, make_server, wait_for
 from vmmgate.errors import RemoteInvalid
 from vmmgate.infra import rpc
+from vmmgate.shared import msgpack_compat  # noqa: F401 - the library on msgpack 1.x
 from vmmgate.shared.snapfile import verify_pair
 
 

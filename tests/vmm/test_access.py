@@ -21,6 +21,7 @@ from msgpackrpc.error import RPCError
 from tests.snapfiles import sha256
 from tests.vmm.conftest import EXIT_BAD_INPUT, Vmm, VmmPool
 from vmmgate.errors import RemoteInvalid, RpcRemoteError
+from vmmgate.shared import msgpack_compat  # noqa: F401 - the library on msgpack 1.x
 from vmmgate.shared.snapfile import verify_pair
 
 pytestmark = pytest.mark.e2e

@@ -40,6 +40,7 @@ from vmmgate.errors import (
     RpcTimeout,
     RpcUnreachable,
 )
+from vmmgate.shared import msgpack_compat  # noqa: F401 - the library on msgpack 1.x
 
 if TYPE_CHECKING:
     from vmmgate.infra.config import Settings

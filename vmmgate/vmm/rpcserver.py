@@ -23,6 +23,7 @@ from msgpackrpc import error
 from msgpackrpc.compat import force_str
 from msgpackrpc.transport import tcp
 
+from vmmgate.shared import msgpack_compat  # noqa: F401 - the library on msgpack 1.x
 from vmmgate.vmm.errors import Unauthorized, VmmError
 
 log = logging.getLogger(__name__)
