@@ -10,6 +10,8 @@ from tests.imports import WEB_LIBRARIES, ImportGraph
 
 #: What each layer may import (besides itself and the root package).
 ALLOWED = {
+    # Cluster mode: the core on Ray; only the web layer (when VMMGATE_CLUSTER is set) imports it.
+    "cluster": {"cluster", "core", "infra", "model", "errors", "shared"},
     "core": {"core", "infra", "model", "errors", "shared"},
     "infra": {"infra", "model", "errors", "shared"},
     "shared": {"shared"},
@@ -17,7 +19,7 @@ ALLOWED = {
     "errors": {"errors"},
 }
 #: The server side: never reaches into the VMM's own modules.
-SERVER = ("web", "core", "infra")
+SERVER = ("web", "cluster", "core", "infra")
 MAX_LINES = 400
 
 
@@ -40,6 +42,21 @@ def test_only_the_web_layer_imports_flask_werkzeug_or_gunicorn(
         if libraries & WEB_LIBRARIES and graph.layer(module) != "web"
     }
     assert outside == {}
+
+
+def test_only_the_cluster_layer_imports_ray(graph: ImportGraph) -> None:
+    """Single-host mode never loads Ray: nothing outside vmmgate/cluster/ imports it."""
+    outside = sorted(
+        module
+        for module, libraries in graph.libraries.items()
+        if "ray" in libraries and graph.layer(module) != "cluster"
+    )
+    assert outside == []
+    assert any(
+        "ray" in graph.libraries.get(m, ())
+        for m in graph.files
+        if m.startswith("vmmgate.cluster")
+    )
 
 
 def test_nothing_the_vmm_imports_leads_to_flask(graph: ImportGraph) -> None:

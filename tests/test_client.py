@@ -129,6 +129,7 @@ def test_boot_get_list_pause_resume_stop(
         "port": created.port,
         "id": created.id,
         "ssh_port": FAKE_SSH_PORT,
+        "node": None,
     }
     vm = client.get_vm(created.id)
     assert (vm.id, vm.state, vm.kind, vm.pid) == (

@@ -63,6 +63,8 @@ VM_KEYS = {
     "exit_status",
     "exit_description",
     "vmm_status",
+    # Cluster mode's node id; null on one host.
+    "node",
 }
 
 

@@ -209,10 +209,10 @@ def test_a_nested_value_reuses_its_types_schema() -> None:
 
 
 def test_create_answer_bytes_keep_the_originals_order() -> None:
-    """pid, port, id, ssh_port: the answer's key order is the dataclass's."""
+    """pid, port, id, ssh_port, node: the answer's key order is the dataclass's."""
     answer = CreateResponse(pid=7, port=40000, id="abc", ssh_port=None)
     assert json.dumps(schemas.CREATE_RESPONSE.dump(answer)) == (
-        '{"pid": 7, "port": 40000, "id": "abc", "ssh_port": null}'
+        '{"pid": 7, "port": 40000, "id": "abc", "ssh_port": null, "node": null}'
     )
 
 

@@ -24,6 +24,8 @@ to HTTP statuses lives in one place, :mod:`vmmgate.web.errors`.
     ├── LimitExceeded               a configured limit would be exceeded  429
     ├── InsufficientStorage         too little free disk (snapshot/state)  507
     ├── StateDirUnusable            the state directory cannot be written 503
+    ├── NodeNotFound                cluster mode: no such node (or not a cluster) 404
+    ├── ClusterUnavailable          cluster mode: Ray or a node's agent is down 503
     ├── LaunchError                 a VMM could not be started
     │   ├── VmmStartError           it died at start (exit code, argv, log)
     │   ├── VmmReadyTimeout         it did not become ready in time       504
@@ -53,6 +55,23 @@ class VmmgateError(Exception):
     def description(self) -> str:
         """Return the message meant for the client."""
         return str(self)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle by state, not by calling ``__init__`` again (keyword-only arguments).
+
+        Cluster mode carries these errors from a node's agent to the front.
+        """
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(
+    cls: type[VmmgateError], args: tuple[object, ...], state: dict[str, object]
+) -> VmmgateError:
+    """Recreate a pickled VmmgateError without calling its ``__init__``."""
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigError(VmmgateError):
@@ -133,6 +152,14 @@ class VmConflict(VmmgateError):
 
 class SnapshotInProgress(VmConflict):
     """Another snapshot of the same VM has not finished yet."""
+
+
+class NodeNotFound(VmmgateError):
+    """Cluster mode: the request names a node the cluster does not have (or no cluster)."""
+
+
+class ClusterUnavailable(VmmgateError):
+    """Cluster mode: Ray, or the agent of the VM's node, does not answer."""
 
 
 class LimitExceeded(VmmgateError):

@@ -20,6 +20,8 @@ class VmState(enum.StrEnum):
     PAUSED = "paused"
     EXITED = "exited"
     FAILED = "failed"
+    #: Cluster mode only: its node died (the VMM went with it, or is unreachable).
+    LOST = "lost"
 
 
 LIVE_STATES = (VmState.STARTING, VmState.RUNNING, VmState.PAUSED)
@@ -103,6 +105,8 @@ class VmInfo:
     exit_status: int | None
     exit_description: str | None
     vmm_status: VmmStatus | None = None
+    #: Cluster mode: the id of the node that runs it (None on a single host).
+    node: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ class CreateRequest:
     resume: bool
     tap_device: str | None = None
     config: StarterConfig | None = None
+    #: Cluster mode: the node to create it on (None: placement chooses).
+    node: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,3 +162,25 @@ class CreateResponse:
     id: str
     #: 127.0.0.1 port forwarded to the guest's port 22 (user-mode networking), else None.
     ssh_port: int | None = None
+    #: Cluster mode: the id of the node that runs it (None on a single host).
+    node: str | None = None
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """Cluster mode: one node as ``GET /nodes`` shows it."""
+
+    #: Ray's node id (hex); ``"node"`` on /create takes it, or its first 8 characters.
+    id: str
+    #: ``alive``, or ``dead`` once Ray declared it so.
+    state: str
+    #: The address Ray reaches the node at.
+    address: str
+    #: The node's VMs that are not lost (live or ended but not yet deleted).
+    vms: int
+    #: Guest memory the node offers (its VMMGATE_MAX_TOTAL_MEMORY_MIB), and what is unreserved.
+    memory_total_mib: int
+    memory_free_mib: int
+    #: VMs the node takes (its VMMGATE_MAX_VMS), and how many more fit.
+    vm_slots_total: int
+    vm_slots_free: int

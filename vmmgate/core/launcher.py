@@ -25,6 +25,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import Iterator, Mapping
+from typing import Protocol
 
 from vmmgate.core.admission import WarmSlots, vm_admission
 from vmmgate.core.flavors import Flavor, LaunchSpec
@@ -45,6 +46,18 @@ log = logging.getLogger(__name__)
 PORT_ATTEMPTS = 5
 
 
+class PortClaims(Protocol):
+    """RPC ports held across several hosts (cluster mode's directory)."""
+
+    def claim(self, port: int, vm_id: str) -> bool:
+        """Claim ``port`` for ``vm_id``; False if another VM holds it."""
+        ...
+
+    def release(self, port: int, vm_id: str) -> None:
+        """Release ``port`` if ``vm_id`` holds it."""
+        ...
+
+
 class Launcher:
     """Starts VMMs for this server, registers them, and waits until they are ready."""
 
@@ -57,6 +70,8 @@ class Launcher:
         self.records = records
         slots = WarmSlots(registry, settings.limits, settings.default_memory_mib)
         self.pool = WarmPool(settings, slots, flavor, lambda: spawn_env(settings))
+        #: Cluster mode: RPC ports claimed cluster-wide, so a port names one VM.
+        self.port_claims: PortClaims | None = None
 
     def _ended(self, row: VmRecord, status: int | None) -> None:
         """Record a VM's end, and let the pool see the room it left."""
@@ -176,6 +191,22 @@ class Launcher:
         raise self._no_free_port()
 
     def _reserve(self, handle: VmmHandle, spec: LaunchSpec, port: int) -> bool:
+        """Claim ``port`` (cluster mode) and insert the VM as ``starting`` on it.
+
+        False if a live VM, here or (claims) on another node, holds the port.
+        """
+        claims = self.port_claims
+        if claims is not None and not claims.claim(port, handle.vm_id):
+            return False
+        inserted = False
+        try:
+            inserted = self._insert(handle, spec, port)
+        finally:
+            if claims is not None and not inserted:
+                claims.release(port, handle.vm_id)
+        return inserted
+
+    def _insert(self, handle: VmmHandle, spec: LaunchSpec, port: int) -> bool:
         """Insert the VM as ``starting`` on ``port``; False if a live VM holds it."""
         record = VmRecord(
             id=handle.vm_id,

@@ -24,7 +24,7 @@ from vmmgate.core.snapshots import SNAPSHOT_DONE, Snapshots
 from vmmgate.core.states import AFTER, Action, guard
 from vmmgate.core.sweeper import PeriodicSweeper, sweep_roots
 from vmmgate.core.vminfo import SnapshotTaken, vm_info, vmm_status
-from vmmgate.errors import RemoteConflict, RpcError
+from vmmgate.errors import NodeNotFound, RemoteConflict, RpcError, UnsupportedOption
 from vmmgate.infra.config import Settings
 from vmmgate.infra.procfs import parent_of
 from vmmgate.infra.registry import Registry
@@ -32,6 +32,7 @@ from vmmgate.infra.rpc import VmmClient
 from vmmgate.model import (
     CreateRequest,
     CreateResponse,
+    NodeInfo,
     StarterConfig,
     VmInfo,
     VmKind,
@@ -102,20 +103,36 @@ class Vms:
 
     def create(self, request: CreateRequest) -> CreateResponse:
         """Boot a VM from a kernel, or restore one from snapshot files (``resume``)."""
-        if request.resume:
-            # kernel_path and config are ignored, as the original did.
-            record = self.restore(
-                request.cpu_snapshot_path,
-                request.memory_snapshot_path,
-                request.tap_device,
-            )
-        else:
-            # The snapshot paths are ignored, as the original did.
-            record = self.boot(request.kernel_path, request.config, request.tap_device)
+        record = self.launcher.launch(self._spec(request))
         assert record.pid is not None
         return CreateResponse(
             pid=record.pid, port=record.port, id=record.id, ssh_port=record.ssh_port
         )
+
+    def plan(self, request: CreateRequest) -> int:
+        """Check everything ``request`` names, start nothing; return the guest MiB it needs.
+
+        Cluster mode asks this before it reserves room on a node.
+        """
+        spec = self._spec(request)
+        return spec.memory_mib or self.settings.default_memory_mib
+
+    def _spec(self, request: CreateRequest) -> LaunchSpec:
+        """Check a /create request and return what to launch for it."""
+        if request.node is not None:
+            raise UnsupportedOption(
+                '"node" chooses a node of a cluster (VMMGATE_CLUSTER); '
+                "this server runs on one host."
+            )
+        if request.resume:
+            # kernel_path and config are ignored, as the original did.
+            return self._restore_spec(
+                request.cpu_snapshot_path,
+                request.memory_snapshot_path,
+                request.tap_device,
+            )
+        # The snapshot paths are ignored, as the original did.
+        return self._boot_spec(request.kernel_path, request.config, request.tap_device)
 
     def boot(
         self,
@@ -124,27 +141,39 @@ class Vms:
         tap_device: str | None = None,
     ) -> VmRecord:
         """Boot a VM from a kernel image; return its record once its VMM is ready."""
-        kernel = self.paths.kernel(kernel_path)
-        if config is not None:
-            starter.validate(config)
-        spec = LaunchSpec(VmKind.BOOT, kernel, config, tap_device=tap_device)
-        return self.launcher.launch(spec)
+        return self.launcher.launch(self._boot_spec(kernel_path, config, tap_device))
 
     def restore(
         self, cpu_path: str, memory_path: str, tap_device: str | None = None
     ) -> VmRecord:
         """Restore a VM from a snapshot pair; return its record once its VMM is ready."""
+        return self.launcher.launch(
+            self._restore_spec(cpu_path, memory_path, tap_device)
+        )
+
+    def _boot_spec(
+        self, kernel_path: str, config: StarterConfig | None, tap_device: str | None
+    ) -> LaunchSpec:
+        """Check a boot's kernel and start-up config."""
+        kernel = self.paths.kernel(kernel_path)
+        if config is not None:
+            starter.validate(config)
+        return LaunchSpec(VmKind.BOOT, kernel, config, tap_device=tap_device)
+
+    def _restore_spec(
+        self, cpu_path: str, memory_path: str, tap_device: str | None
+    ) -> LaunchSpec:
+        """Check a restore's snapshot pair."""
         cpu, memory = self.paths.snapshot_pair(cpu_path, memory_path, write=False)
         # Counted against VMMGATE_MAX_TOTAL_MEMORY_MIB before anything starts.
         memory_mib = self.flavor.check_pair(cpu, memory)
-        spec = LaunchSpec(
+        return LaunchSpec(
             VmKind.RESTORE,
             cpu_path=cpu,
             memory_path=memory,
             tap_device=tap_device,
             memory_mib=memory_mib,
         )
-        return self.launcher.launch(spec)
 
     # --- reading --------------------------------------------------------------
 
@@ -169,6 +198,13 @@ class Vms:
             else:
                 record = self._sync_state(record, status)
         return vm_info(record, status)
+
+    def nodes(self) -> list[NodeInfo]:
+        """The nodes of a cluster: there are none on one host (NodeNotFound)."""
+        raise NodeNotFound(
+            "GET /nodes lists the nodes of a cluster (VMMGATE_CLUSTER); "
+            "this server runs on one host."
+        )
 
     def health(self) -> health.Health:
         """Run the health checks of this server (its flavor's included)."""
@@ -246,6 +282,8 @@ class Vms:
             record = self.records.await_exit_status(record.id, wait) or record
         final = vm_info(record)
         self.registry.delete(record.id)
+        if self.launcher.port_claims is not None:
+            self.launcher.port_claims.release(record.port, record.id)
         handle.run_dir.remove(self.settings.vms_dir)
         log.info("VM %s stopped and forgotten (%s)", record.id, final.exit_description)
         return final

@@ -62,9 +62,14 @@ SETTING_KEYS = (
     "VMMGATE_RPC_PORTS",
     "VMMGATE_VMM_ENV",
     "VMMGATE_WARM_VMMS",
+    "VMMGATE_CLUSTER",
     *LIMIT_KEYS,
     *TOKEN_KEYS,
 )
+
+#: VMMGATE_CLUSTER: a host name or IPv4 address, then a port (Ray's GCS address);
+#: empty is the same as unset.
+CLUSTER_ADDRESS = r"^([A-Za-z0-9][A-Za-z0-9.-]{0,252}:[0-9]{1,5})?$"
 
 # --- loading --------------------------------------------------------------------
 
@@ -183,6 +188,8 @@ class Settings:
     warm_vmms: int = 0
     #: The bearer token every request must carry (vmmgate.web.auth), or None.
     token: str | None = field(default=None, repr=False)
+    #: The Ray cluster's GCS address, host:port (VMMGATE_CLUSTER), or None: one host.
+    cluster: str | None = None
 
     @property
     def registry_path(self) -> Path:
@@ -266,6 +273,14 @@ class SettingsSchema(Schema):
     warm_vmms = integer_setting(
         "VMMGATE_WARM_VMMS", 0, MAX_WARM_VMMS, load_default=default_warm_vmms
     )
+    cluster = fields.String(
+        data_key="VMMGATE_CLUSTER",
+        load_default=None,
+        validate=validate.Regexp(
+            CLUSTER_ADDRESS,
+            error="not a Ray GCS address host:port, such as 127.0.0.1:6379",
+        ),
+    )
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -309,6 +324,7 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         rpc_ports=data["rpc_ports"],
         vmm_env=data["vmm_env"],
         warm_vmms=data["warm_vmms"],
+        cluster=data["cluster"] or None,
         limits=load_limits(mapping),
         token=load_token(mapping, cwd),
     )

@@ -35,6 +35,8 @@ STATUS: dict[type[domain.VmmgateError], int] = {
     domain.LimitExceeded: 429,
     domain.InsufficientStorage: 507,
     domain.StateDirUnusable: 503,
+    domain.NodeNotFound: 404,
+    domain.ClusterUnavailable: 503,
     domain.VmmStartError: 500,
     domain.VmmReadyTimeout: 504,
     domain.NoFreePort: 503,

@@ -7,10 +7,15 @@ returns it to a view.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flask import Flask
 
 from vmmgate.core.vms import Vms
 from vmmgate.infra.config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from vmmgate.cluster.front import ClusterVms
 
 
 def init_settings(app: Flask) -> None:
@@ -29,10 +34,18 @@ def init_service(app: Flask) -> None:
     """Create the VMs' front door and its registry for this app (after init_settings).
 
     The VMM flavor is chosen here, once (a name no flavor has is a ConfigError).
+    With VMMGATE_CLUSTER the front door is the cluster's, with the same
+    methods; only then is Ray imported.
     """
-    app.extensions["vmmgate.vms"] = Vms.from_settings(get_settings(app))
+    settings = get_settings(app)
+    if settings.cluster is not None:
+        from vmmgate.cluster.front import ClusterVms
+
+        app.extensions["vmmgate.vms"] = ClusterVms.from_settings(settings)
+    else:
+        app.extensions["vmmgate.vms"] = Vms.from_settings(settings)
 
 
-def get_service(app: Flask) -> Vms:
+def get_service(app: Flask) -> Vms | ClusterVms:
     """Return the app's front door to its VMs."""
     return app.extensions["vmmgate.vms"]

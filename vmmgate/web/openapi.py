@@ -283,6 +283,10 @@ def build_spec(app: Flask) -> APISpec:
                 "name": "vms",
                 "description": "Lifecycle of the VMs this server launched.",
             },
+            {
+                "name": "nodes",
+                "description": "Cluster mode (VMMGATE_CLUSTER): the nodes VMs run on.",
+            },
             {"name": "operations", "description": "Health, metrics, this document."},
         ],
         components={

@@ -95,6 +95,15 @@ class CreateRequestSchema(BodySchema):
         load_default=None, allow_none=True, validate=_validate_ifname
     )
     config = fields.Nested(StarterConfigSchema, load_default=None, allow_none=True)
+    #: Cluster mode: a node id from GET /nodes, or at least its first 8 characters.
+    node = fields.String(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Regexp(
+            r"^[0-9a-f]{8,64}$", error="not a node id (8 to 64 hex digits)"
+        ),
+        metadata={"description": "Cluster mode: the node to create the VM on."},
+    )
 
 
 class SnapshotRequestSchema(BodySchema):

@@ -14,7 +14,14 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 from vmmgate.core.health import Check
 from vmmgate.core.vminfo import Snapshot, SnapshotTaken
 from vmmgate.errors import InvalidQuery
-from vmmgate.model import VmInfo, VmKind, VmmStatus, VmSnapshotRequest, VmState
+from vmmgate.model import (
+    NodeInfo,
+    VmInfo,
+    VmKind,
+    VmmStatus,
+    VmSnapshotRequest,
+    VmState,
+)
 from vmmgate.web.schemas import BodySchema, StrictBoolean, schema_for
 
 #: The longest ``?tail=`` accepted (lines).
@@ -51,13 +58,15 @@ VmSchema = schema_for(
     "VmSchema",
     hints={"state": VmState, "kind": VmKind},
     docs={
-        "state": "starting, running, paused, exited or failed",
+        "state": "starting, running, paused, exited or failed; lost (cluster "
+        "mode) once its node died",
         "kind": "boot: from kernel_path; restore: from the snapshot",
         "port": "RPC port",
         "uptime_s": "seconds since creation (until it ended, if it has)",
         "exit_status": "the VMM's exit code, or minus the signal that killed it; "
         "null while it runs or when no vmmgate process could see it end",
         "vmm_status": "GET /vms/<id> only, when the VMM answers",
+        "node": "cluster mode: the id of the VM's node; null on one host",
     },
 )
 
@@ -66,6 +75,22 @@ class VmListSchema(Schema):
     """``GET /vms``: the VMs, oldest first."""
 
     vms = fields.List(fields.Nested(VmSchema), required=True)
+
+
+NodeSchema = schema_for(
+    NodeInfo,
+    docs={
+        "id": "Ray's node id; /create's node field takes it, or its first 8 characters",
+        "state": "alive, or dead once Ray declared it so",
+        "vms": "its VMs that are not lost",
+    },
+)
+
+
+class NodeListSchema(Schema):
+    """``GET /nodes``: the cluster's nodes that offer VMs."""
+
+    nodes = fields.List(fields.Nested(NodeSchema), required=True)
 
 
 SnapshotSchema = schema_for(
@@ -146,6 +171,7 @@ def load_query(schema: Schema, args: Any) -> dict[str, Any]:
 
 VM = VmSchema()
 VM_LIST = VmListSchema()
+NODE_LIST = NodeListSchema()
 VM_SNAPSHOT_REQUEST = VmSnapshotRequestSchema()
 VM_SNAPSHOT_RESPONSE = VmSnapshotResponseSchema()
 HEALTH = HealthSchema()

@@ -22,6 +22,7 @@ library (threads, sockets, subprocess, select) before the app loads.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gevent
+from gevent import monkey
 from gunicorn.workers.ggevent import GeventWorker
 
 from vmmgate.infra.rocket import server_settings
@@ -73,6 +75,23 @@ class Worker(GeventWorker):
         settings = server_settings()
         self.header_timeout = settings.header_timeout
         self.io_timeout = settings.io_timeout
+
+    def patch(self) -> None:
+        """Patch the standard library as gunicorn does; in cluster mode, not threads.
+
+        Ray's driver runs real threads that block in C++ (gRPC): as greenlets
+        they would stop the worker. Ray waits then run in gevent's thread pool
+        (vmmgate.cluster.ray_link.blocking), sized for the worker's connections.
+        """
+        if not os.environ.get("VMMGATE_CLUSTER"):
+            super().patch()
+            return
+        monkey.patch_all(thread=False)
+        gevent.get_hub().threadpool.maxsize = max(10, self.worker_connections // 8)
+        self.sockets = [
+            socket.socket(s.FAMILY, socket.SOCK_STREAM, fileno=s.sock.detach())
+            for s in self.sockets
+        ]
 
     @contextmanager
     def timeout_ctx(self) -> Iterator[None]:

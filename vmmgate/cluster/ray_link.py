@@ -1,0 +1,97 @@
+"""Connecting to Ray, the names vmmgate gives things there, and calling an actor."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import ray
+from ray import exceptions as ray_errors
+
+from vmmgate.errors import ClusterUnavailable, RpcTimeout, VmmgateError
+
+if TYPE_CHECKING:
+    from vmmgate.infra.config import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Ray namespace of vmmgate's actors, placement groups and keys.
+NAMESPACE = "vmmgate"
+#: Custom resources a vmmgate node declares (``ray start --resources``): the
+#: guest memory it offers, in MiB, and the VMs it takes. A node without them
+#: runs no VMs.
+MEMORY = "vmmgate_memory_mib"
+SLOTS = "vmmgate_vms"
+#: Name of a node's agent actor: this prefix and the node id.
+AGENT_PREFIX = "vmmgate-agent-"
+#: How long the front waits for an agent's answer beyond the operation's own
+#: bound (a create may take VMMGATE_READY_TIMEOUT, a snapshot the RPC timeout).
+CALL_MARGIN_S = 30.0
+
+
+def node_resources(settings: Settings) -> dict[str, float]:
+    """Return the resources a node declares for its vmmgate settings (its limits)."""
+    return {
+        MEMORY: float(settings.limits.max_total_memory_mib),
+        SLOTS: float(settings.limits.max_vms),
+    }
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at ``address`` as a driver (once per process)."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(
+            address=address,
+            namespace=NAMESPACE,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except (ConnectionError, ray_errors.RaySystemError) as exc:
+        raise ClusterUnavailable(
+            f"Cannot join the Ray cluster at {address} (VMMGATE_CLUSTER): {exc}"
+        ) from exc
+
+
+def blocking(fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)``, which blocks in Ray's C++ code, off the gevent hub.
+
+    Under gevent (the HTTP front), a Ray wait would stop every greenlet of
+    the worker; gevent's thread pool runs it in a real thread instead.
+    """
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:  # not under gunicorn's gevent worker
+        return fn(*args)
+    if not monkey.is_module_patched("socket"):
+        return fn(*args)
+    return get_hub().threadpool.apply(fn, args)
+
+
+def get(ref: Any, timeout: float, what: str) -> Any:
+    """Wait for an actor call's result; raise the domain error the agent raised.
+
+    ``what`` names the call for the errors that are Ray's own.
+    """
+    try:
+        return blocking(lambda: ray.get(ref, timeout=timeout))
+    except ray_errors.RayTaskError as exc:
+        cause = exc.cause
+        if isinstance(cause, VmmgateError):
+            raise cause from None
+        raise ClusterUnavailable(f"{what} failed on its node: {cause!r}") from None
+    except ray_errors.GetTimeoutError:
+        raise RpcTimeout(
+            f"{what}: no answer from the node within {timeout:g} s."
+        ) from None
+    except (ray_errors.RayActorError, ray_errors.ActorUnavailableError) as exc:
+        raise ClusterUnavailable(
+            f"{what}: the node's vmmgate agent is not available ({type(exc).__name__})."
+        ) from None
+    except ray_errors.RayError as exc:
+        raise ClusterUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
