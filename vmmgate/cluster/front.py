@@ -147,7 +147,10 @@ class ClusterVms:
                     id=node_id,
                     state="alive" if alive else "dead",
                     address=node.get("NodeManagerAddress", ""),
-                    vms=sum(1 for e in entries if e.node == node_id and not e.lost_at),
+                    # A dead node's VMs are all lost.
+                    vms=sum(1 for e in entries if e.node == node_id and not e.lost_at)
+                    if alive
+                    else 0,
                     memory_total_mib=memory,
                     memory_free_mib=max(0, memory - int(taken.memory_mib))
                     if alive

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -44,6 +46,8 @@ def connect(address: str) -> None:
     """Join the Ray cluster at ``address`` as a driver (once per process)."""
     if ray.is_initialized():
         return
+    # ray.init makes SIGTERM a sys.exit; gunicorn's graceful stop of a worker needs its own.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(
             address=address,
@@ -56,6 +60,9 @@ def connect(address: str) -> None:
         raise ClusterUnavailable(
             f"Cannot join the Ray cluster at {address} (VMMGATE_CLUSTER): {exc}"
         ) from exc
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def blocking(fn: Callable[..., T], *args: Any) -> T:
