@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,10 @@ import pytest
 
 from tests.e2e.conftest import COUNTER, GUEST, boot_body, require_guest, restore_body
 from tests.server import Server, make_server, wait_for
-from vmmgate.cluster.local import LocalCluster
+from vmmgate.cluster.local import LocalCluster, descendants
+from vmmgate.infra import procfs
+from vmmgate.infra.procfs import is_same_process
+from vmmgate.shared.state import PROJECT_ROOT
 
 KERNEL = str(GUEST / "vmlinuz")
 NODE_MEMORY_MIB = 512
@@ -296,3 +301,45 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def test_the_cluster_command_serves_and_stops_everything_on_sigterm(
+    tmp_path: Path,
+) -> None:
+    """``make cluster``'s program: a 2-node cluster and the front; SIGTERM leaves nothing."""
+    require_guest()
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "guest").symlink_to(GUEST)
+    server = make_server(state, tmp_path / "cluster.log", **NODE_ENV)
+    with open(server.log, "wb") as out:
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "vmmgate.cluster.local", "--nodes", "2"],
+            cwd=PROJECT_ROOT,
+            env=server.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    server.process = supervisor
+    try:
+        wait_for(server._answers, 120, f"the cluster's front (log: {server.log})")
+        assert len(nodes(server)) == 2
+        vm = server.post("/create", boot_body(KERNEL)).json
+        counter_above(server, vm["id"], 0)
+        tree = {
+            pid: procfs.start_time(pid) for pid in descendants(supervisor.pid, set())
+        }
+        assert vm["pid"] in tree  # the VMM is in the cluster's tree (under its agent)
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(120) == 0
+        left = [
+            p
+            for p, start in tree.items()
+            if p != supervisor.pid and is_same_process(p, start)
+        ]
+        assert left == [], f"processes left after SIGTERM: {left}"
+    finally:
+        if supervisor.poll() is None:
+            os.killpg(supervisor.pid, signal.SIGKILL)
+            supervisor.wait()

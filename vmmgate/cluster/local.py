@@ -204,12 +204,13 @@ def main(argv: list[str] | None = None) -> int:
     state = load_settings(from_environ(os.environ)).state_dir
     cluster = LocalCluster(state / "cluster")
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
     front: subprocess.Popen[bytes] | None = None
     try:
         started = time.monotonic()
         cluster.start(args.nodes)
+        # After Ray's driver start, which makes SIGTERM a plain exit of its own.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
         log.info(
             "%d nodes on 127.0.0.1 in %.1f s; Ray's address %s",
             args.nodes,
