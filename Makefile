@@ -20,7 +20,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: setup  ## print the benchmark tables (see README)
+bench: setup cluster-packages  ## print the benchmark tables (see README)
 	$(PY) benchmarks/vmm_bench.py
 	$(PY) benchmarks/http_bench.py
 	$(PY) benchmarks/rpc_bench.py
@@ -28,6 +28,7 @@ bench: setup  ## print the benchmark tables (see README)
 	$(PY) benchmarks/boot_bench.py
 	$(PY) benchmarks/restore_bench.py
 	$(PY) benchmarks/warm_bench.py
+	$(PY) benchmarks/cluster_bench.py
 
 setup: system-packages $(VENV)/.installed guest bytecode
 
