@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from ray.experimental import internal_kv as kv
 
-from vmmgate.cluster.ray_link import NAMESPACE
+from vmmgate.cluster.ray_link import NAMESPACE, blocking
 from vmmgate.model import VmInfo, VmState
 
 _VM = "vm/"
@@ -89,6 +91,11 @@ class VmEntry:
         )
 
 
+def _kv(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a key-value call off the gevent hub (it waits on the GCS in C++)."""
+    return blocking(lambda: call(*args, **kwargs))
+
+
 class Directory:
     """The cluster-wide records, in the GCS (the caller is connected to Ray)."""
 
@@ -96,7 +103,8 @@ class Directory:
 
     def put(self, entry: VmEntry) -> None:
         """Record (or overwrite) a VM's entry."""
-        kv._internal_kv_put(
+        _kv(
+            kv._internal_kv_put,
             _VM + entry.id,
             json.dumps(asdict(entry)),
             overwrite=True,
@@ -105,13 +113,13 @@ class Directory:
 
     def get(self, vm_id: str) -> VmEntry | None:
         """Return a VM's entry, or None."""
-        raw = kv._internal_kv_get(_VM + vm_id, namespace=NAMESPACE)
+        raw = _kv(kv._internal_kv_get, _VM + vm_id, namespace=NAMESPACE)
         return None if raw is None else VmEntry(**json.loads(raw))
 
     def entries(self) -> list[VmEntry]:
         """Return every VM's entry."""
         found = []
-        for key in kv._internal_kv_list(_VM, namespace=NAMESPACE):
+        for key in _kv(kv._internal_kv_list, _VM, namespace=NAMESPACE):
             entry = self.get(key.decode()[len(_VM) :])
             if entry is not None:
                 found.append(entry)
@@ -119,7 +127,7 @@ class Directory:
 
     def delete(self, vm_id: str) -> None:
         """Forget a VM."""
-        kv._internal_kv_del(_VM + vm_id, namespace=NAMESPACE)
+        _kv(kv._internal_kv_del, _VM + vm_id, namespace=NAMESPACE)
 
     def mark_lost(self, entry: VmEntry) -> VmEntry:
         """Record that ``entry``'s node died; its reservation is released by the caller."""
@@ -131,17 +139,21 @@ class Directory:
 
     def claim(self, port: int, vm_id: str) -> bool:
         """Claim ``port`` for ``vm_id``; False if another VM holds it."""
-        existed = kv._internal_kv_put(
-            _PORT + str(port), vm_id, overwrite=False, namespace=NAMESPACE
+        existed = _kv(
+            kv._internal_kv_put,
+            _PORT + str(port),
+            vm_id,
+            overwrite=False,
+            namespace=NAMESPACE,
         )
         return not existed or self.holder(port) == vm_id
 
     def release(self, port: int, vm_id: str) -> None:
         """Release ``port`` if ``vm_id`` holds it."""
         if self.holder(port) == vm_id:
-            kv._internal_kv_del(_PORT + str(port), namespace=NAMESPACE)
+            _kv(kv._internal_kv_del, _PORT + str(port), namespace=NAMESPACE)
 
     def holder(self, port: int) -> str | None:
         """Return the id of the VM holding ``port``, or None."""
-        raw = kv._internal_kv_get(_PORT + str(port), namespace=NAMESPACE)
+        raw = _kv(kv._internal_kv_get, _PORT + str(port), namespace=NAMESPACE)
         return None if raw is None else raw.decode()

@@ -76,7 +76,7 @@ def reserve(memory_mib: int, node: str | None, free: str) -> Reservation:
     except BaseException:
         remove_placement_group(group)
         raise
-    table = placement_group_table(group)
+    table = blocking(placement_group_table, group)
     return Reservation(name, table["bundles_to_node_id"][0])
 
 
@@ -95,7 +95,7 @@ def groups() -> dict[str, dict]:
     """Return vmmgate's placement groups that are not removed, by name."""
     return {
         info["name"]: info
-        for info in placement_group_table().values()
+        for info in blocking(placement_group_table).values()
         if info.get("name", "").startswith(PREFIX) and info.get("state") != "REMOVED"
     }
 
