@@ -121,6 +121,21 @@ def fake_record(registry: Registry, vm_dir: Path, **values: Any) -> VmRecord:
 # --- create, list, inspect --------------------------------------------------
 
 
+def test_one_host_has_no_nodes_and_refuses_a_node_field(
+    client: FlaskClient, kernel: Path
+) -> None:
+    """Cluster mode's additions are clear errors on one host, and start nothing."""
+    nodes = client.get("/nodes")
+    assert nodes.status_code == 404
+    assert "cluster" in nodes.get_json()["error"]["description"]
+    refused = client.post("/create", json={**boot_body(kernel), "node": "0123abcd"})
+    assert refused.status_code == 422
+    assert '"node"' in refused.get_json()["error"]["description"]
+    assert client.get("/vms").get_json() == {"vms": []}
+    answer = boot(client, kernel)
+    assert answer["node"] is None and vm(client, answer["id"])["node"] is None
+
+
 def test_create_answers_the_vm_id_next_to_pid_and_port(
     client: FlaskClient, kernel: Path
 ) -> None:

@@ -111,7 +111,7 @@ def _client(ctx: click.Context) -> Client:
 @main.command("list")
 @click.option(
     "--state",
-    type=click.Choice(["starting", "running", "paused", "exited", "failed"]),
+    type=click.Choice(["starting", "running", "paused", "exited", "failed", "lost"]),
     help="Only VMs in this state.",
 )
 @click.pass_context
@@ -133,14 +133,18 @@ def list_vms(ctx: click.Context, state: VmState | None) -> None:
                 "-" if vm.exit_status is None else str(vm.exit_status),
             )
         )
+    _emit(ctx, {"vms": [vm.raw for vm in vms]}, _table(rows))
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    """Return ``rows`` as left-aligned columns."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    table = "\n".join(
+    return "\n".join(
         "  ".join(
             cell.ljust(width) for cell, width in zip(row, widths, strict=True)
         ).rstrip()
         for row in rows
     )
-    _emit(ctx, {"vms": [vm.raw for vm in vms]}, table)
 
 
 @main.command()
@@ -172,6 +176,7 @@ def _created(ctx: click.Context, answer: Created) -> None:
     show_default=True,
     help="config.id: the guest gets 192.168.<200+id>.2.",
 )
+@click.option("--node", help="Cluster mode: the node to boot it on (id or prefix).")
 @click.pass_context
 def boot(
     ctx: click.Context,
@@ -180,6 +185,7 @@ def boot(
     user: str | None,
     password: str | None,
     net_id: int,
+    node: str | None,
 ) -> None:
     """Boot a fresh VM from KERNEL."""
     config = None
@@ -187,18 +193,44 @@ def boot(
         if user is None or password is None:
             raise click.UsageError("--user and --password go together")
         config = StarterConfig(username=user, password=password, id=net_id)
-    answer = _client(ctx).boot(_absolute(kernel), tap_device=tap, config=config)
+    answer = _client(ctx).boot(
+        _absolute(kernel), tap_device=tap, config=config, node=node
+    )
     _created(ctx, answer)
+
+
+@main.command()
+@click.pass_context
+def nodes(ctx: click.Context) -> None:
+    """List a cluster's nodes (cluster mode)."""
+    found = _client(ctx).nodes()
+    rows = [("ID", "STATE", "VMS", "MEM FREE", "SLOTS FREE")]
+    for node in found:
+        rows.append(
+            (
+                node.id,
+                node.state,
+                str(node.vms),
+                f"{node.memory_free_mib}/{node.memory_total_mib}M",
+                f"{node.vm_slots_free}/{node.vm_slots_total}",
+            )
+        )
+    _emit(ctx, {"nodes": [node.raw for node in found]}, _table(rows))
 
 
 @main.command()
 @click.argument("cpu", type=click.Path(dir_okay=False))
 @click.argument("memory", type=click.Path(dir_okay=False))
 @click.option("--tap", help="Host tap device (for a snapshot taken with one).")
+@click.option("--node", help="Cluster mode: the node to restore it on (id or prefix).")
 @click.pass_context
-def restore(ctx: click.Context, cpu: str, memory: str, tap: str | None) -> None:
+def restore(
+    ctx: click.Context, cpu: str, memory: str, tap: str | None, node: str | None
+) -> None:
     """Restore a VM from a snapshot's CPU and MEMORY files."""
-    answer = _client(ctx).restore(_absolute(cpu), _absolute(memory), tap_device=tap)
+    answer = _client(ctx).restore(
+        _absolute(cpu), _absolute(memory), tap_device=tap, node=node
+    )
     _created(ctx, answer)
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from tests.e2e.conftest import COUNTER, GUEST, boot_body, require_guest, restore_body
 from tests.server import Server, make_server, wait_for
+from vmmgate.client import Client
 from vmmgate.cluster.local import LocalCluster, descendants
 from vmmgate.infra import procfs
 from vmmgate.infra.procfs import is_same_process
@@ -127,6 +128,9 @@ def test_six_vms_spread_by_free_memory_and_a_full_cluster_is_a_429(
 ) -> None:
     before = nodes(front)
     assert len(before) == 3
+    listed = Client(f"http://127.0.0.1:{front.port}").nodes()
+    assert sorted(n.id for n in listed) == sorted(before)
+    assert all(n.state == "alive" and n.vm_slots_free == 8 for n in listed)
     assert all(n["memory_free_mib"] == NODE_MEMORY_MIB for n in before.values())
     placed = [create(front, made, boot_body(KERNEL))["node"] for _ in range(6)]
     # 512 MiB per node and 256 per guest: the memory decides, two per node.

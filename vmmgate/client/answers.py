@@ -55,6 +55,10 @@ class Created(CreateResponse, _Answer):
     """``POST /create``: the new VM's id, its VMM's pid and RPC port, its SSH port."""
 
 
+class Node(model.NodeInfo, _Answer):
+    """Cluster mode: one node of ``GET /nodes``."""
+
+
 class VmmStatus(model.VmmStatus, _Answer):
     """What a VM's VMM reports about itself (``GET /vms/<id>`` only)."""
 

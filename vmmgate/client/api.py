@@ -11,7 +11,15 @@ from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from vmmgate.client.answers import Created, Health, Vm, VmSnapshot, VmState, build
+from vmmgate.client.answers import (
+    Created,
+    Health,
+    Node,
+    Vm,
+    VmSnapshot,
+    VmState,
+    build,
+)
 from vmmgate.client.errors import (
     ApiError,
     ConnectionFailed,
@@ -109,8 +117,12 @@ class Client:
         *,
         tap_device: str | None = None,
         config: StarterConfig | None = None,
+        node: str | None = None,
     ) -> Created:
-        """``POST /create`` with ``resume: false``: boot a fresh VM from a kernel."""
+        """``POST /create`` with ``resume: false``: boot a fresh VM from a kernel.
+
+        ``node``: cluster mode, the node to boot it on (an id from :meth:`nodes`).
+        """
         return self._create(
             CreateRequest(
                 cpu_snapshot_path=_UNUSED["cpu"],
@@ -119,6 +131,7 @@ class Client:
                 resume=False,
                 tap_device=tap_device,
                 config=config,
+                node=node,
             )
         )
 
@@ -128,8 +141,12 @@ class Client:
         memory_snapshot_path: str,
         *,
         tap_device: str | None = None,
+        node: str | None = None,
     ) -> Created:
-        """``POST /create`` with ``resume: true``: restore a VM from a snapshot pair."""
+        """``POST /create`` with ``resume: true``: restore a VM from a snapshot pair.
+
+        ``node``: cluster mode, the node to restore it on.
+        """
         return self._create(
             CreateRequest(
                 cpu_snapshot_path=cpu_snapshot_path,
@@ -137,14 +154,16 @@ class Client:
                 kernel_path=_UNUSED["kernel"],
                 resume=True,
                 tap_device=tap_device,
+                node=node,
             )
         )
 
     def _create(self, request: CreateRequest) -> Created:
-        """``POST /create`` with ``request`` (without ``config`` unless it has one)."""
+        """``POST /create`` with ``request`` (without ``config`` or ``node`` unless set)."""
         body = asdict(request)
-        if request.config is None:
-            del body["config"]
+        for key in ("config", "node"):
+            if body[key] is None:
+                del body[key]
         return build(Created, self._json("POST", "/create", body=body))
 
     def snapshot(
@@ -183,6 +202,14 @@ class Client:
                 f"/vms answered {answer!r:.200}, not a list of VMs"
             )
         return [Vm.load(vm) for vm in vms]
+
+    def nodes(self) -> list[Node]:
+        """``GET /nodes``: cluster mode's nodes (a server on one host answers 404)."""
+        answer = self._json("GET", "/nodes")
+        nodes = answer.get("nodes") if isinstance(answer, dict) else None
+        if not isinstance(nodes, list):
+            raise UnexpectedResponse(f"/nodes answered {answer!r:.200}, not a list")
+        return [build(Node, node) for node in nodes]
 
     def get_vm(self, vm_id: str) -> Vm:
         """``GET /vms/<id>``: one VM, with what its VMM reports (``vmm_status``)."""
