@@ -22,6 +22,7 @@ import pytest
 from tests.e2e.conftest import COUNTER, GUEST, boot_body, require_guest, restore_body
 from tests.server import Server, make_server, wait_for
 from vmmgate.client import Client
+from vmmgate.cluster.directory import Directory
 from vmmgate.cluster.local import LocalCluster, descendants
 from vmmgate.infra import procfs
 from vmmgate.infra.procfs import is_same_process
@@ -174,6 +175,9 @@ def test_the_original_flow_unchanged_and_a_restore_on_another_node(
     assert taken.status == 200 and taken.json == "Snapshot taken successfully"
     at_snapshot = counter(front, booted["id"])
     assert at_snapshot >= value
+    # The port is claimed cluster-wide: no other VM, on any node, can take it.
+    assert Directory().holder(booted["port"]) == booted["id"]
+    assert not Directory().claim(booted["port"], "another-vm")
     other = next(node for node in nodes(front) if node != booted["node"])
     restored = create(front, made, {**restore_body(cpu, memory), "node": other})
     assert restored["node"] == other and restored["port"] != booted["port"]
@@ -255,6 +259,7 @@ def test_a_dead_nodes_vms_are_lost_and_a_returning_node_brings_no_ghosts(
         interval=0.5,
     )
     lost_after = time.monotonic() - killed_at
+    print(f"the dead node's VMs showed lost {lost_after:.1f} s after the kill")
     assert lost_after <= LOST_WITHIN_S
     dead = nodes(front)[doomed_id]
     assert dead["state"] == "dead" and dead["vms"] == 0
