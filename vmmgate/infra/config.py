@@ -62,6 +62,8 @@ SETTING_KEYS = (
     "VMMGATE_RPC_PORTS",
     "VMMGATE_VMM_ENV",
     "VMMGATE_WARM_VMMS",
+    "VMMGATE_SNAPSHOT_RETENTION",
+    "VMMGATE_EVENTS_KEEP",
     *LIMIT_KEYS,
     *TOKEN_KEYS,
 )
@@ -181,6 +183,12 @@ class Settings:
     vmm_env: tuple[str, ...] = ()
     #: Pre-started VMMs each worker keeps ready (VMMGATE_WARM_VMMS); 0: none.
     warm_vmms: int = 0
+    #: Which catalog snapshots the background sweep removes (VMMGATE_SNAPSHOT_RETENTION).
+    retention: setting_fields.Retention = field(
+        default_factory=setting_fields.Retention
+    )
+    #: How many events the event log keeps (VMMGATE_EVENTS_KEEP).
+    events_keep: int = 10_000
     #: The bearer token every request must carry (vmmgate.web.auth), or None.
     token: str | None = field(default=None, repr=False)
 
@@ -266,6 +274,12 @@ class SettingsSchema(Schema):
     warm_vmms = integer_setting(
         "VMMGATE_WARM_VMMS", 0, MAX_WARM_VMMS, load_default=default_warm_vmms
     )
+    retention = setting_fields.RetentionField(
+        data_key="VMMGATE_SNAPSHOT_RETENTION", load_default=setting_fields.Retention
+    )
+    events_keep = integer_setting(
+        "VMMGATE_EVENTS_KEEP", 100, 10**7, load_default=10_000
+    )
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -309,6 +323,8 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         rpc_ports=data["rpc_ports"],
         vmm_env=data["vmm_env"],
         warm_vmms=data["warm_vmms"],
+        retention=data["retention"],
+        events_keep=data["events_keep"],
         limits=load_limits(mapping),
         token=load_token(mapping, cwd),
     )
