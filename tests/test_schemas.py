@@ -186,7 +186,7 @@ def test_answers_are_the_core_values_fields_in_order() -> None:
 
 
 def test_snapshot_answer_keeps_its_old_keys_in_order_then_the_snapshot() -> None:
-    """/vms/<id>/snapshot answers its keys as before, and the new snapshot object last."""
+    """/vms/<id>/snapshot answers its keys as before, then the snapshot and its catalog id."""
     names = [field.name for field in dataclasses.fields(SnapshotTaken)]
     expected = [
         "result",
@@ -195,6 +195,7 @@ def test_snapshot_answer_keeps_its_old_keys_in_order_then_the_snapshot() -> None
         "resume",
         "vm",
         "snapshot",
+        "catalog_id",
     ]
     assert names == expected
     assert list(vm_schemas.VmSnapshotResponseSchema().fields) == expected

@@ -19,6 +19,7 @@ to HTTP statuses lives in one place, :mod:`vmmgate.web.errors`.
     │       └── VmmRefusedInput     the VMM exited refusing its input (no such tap...)
     ├── Unauthorized                missing or wrong bearer token         401
     ├── VmNotFound                  no live VM of ours on that port       404
+    ├── SnapshotNotFound            no such entry in the snapshot catalog 404
     ├── VmConflict                  the VM is in the wrong state          409
     │   └── SnapshotInProgress      another snapshot of this VM is running
     ├── LimitExceeded               a configured limit would be exceeded  429
@@ -26,6 +27,8 @@ to HTTP statuses lives in one place, :mod:`vmmgate.web.errors`.
     ├── StateDirUnusable            the state directory cannot be written 503
     ├── NodeNotFound                cluster mode: no such node (or not a cluster) 404
     ├── ClusterUnavailable          cluster mode: Ray or a node's agent is down 503
+    ├── WaitTimedOut                wait_for saw no match in time (tail)  504
+    ├── ForkIncomplete              some clones made, then an error       (its cause's)
     ├── LaunchError                 a VMM could not be started
     │   ├── VmmStartError           it died at start (exit code, argv, log)
     │   ├── VmmReadyTimeout         it did not become ready in time       504
@@ -46,6 +49,7 @@ to HTTP statuses lives in one place, :mod:`vmmgate.web.errors`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 
 class VmmgateError(Exception):
@@ -144,6 +148,46 @@ class VmmRefusedInput(InvalidRequest):
 
 class VmNotFound(VmmgateError):
     """No live VM launched by this server matches the request."""
+
+
+class SnapshotNotFound(VmmgateError):
+    """No entry of the snapshot catalog has that id."""
+
+
+class WaitTimedOut(VmmgateError):
+    """A ``wait_for`` saw neither its console match nor its port in time."""
+
+    def __init__(self, message: str, *, vm_id: str, console_tail: str) -> None:
+        self.vm_id = vm_id
+        self.console_tail = console_tail
+        super().__init__(message)
+
+    def __reduce__(self) -> Any:
+        # Keyword arguments: pickled (for the cluster's calls) by hand.
+        return _wait_timed_out, (str(self), self.vm_id, self.console_tail)
+
+
+def _wait_timed_out(message: str, vm_id: str, console_tail: str) -> WaitTimedOut:
+    """Rebuild a pickled WaitTimedOut."""
+    return WaitTimedOut(message, vm_id=vm_id, console_tail=console_tail)
+
+
+class ForkIncomplete(VmmgateError):
+    """A fork made some clones, then failed: ``cause`` says why, ``clones`` what exists."""
+
+    def __init__(
+        self, cause: VmmgateError, clones: Sequence[Any], snapshot: Any
+    ) -> None:
+        self.cause = cause
+        self.clones = list(clones)
+        self.snapshot = snapshot
+        super().__init__(
+            f"The fork made {len(self.clones)} clone(s), then failed: "
+            f"{cause.description}"
+        )
+
+    def __reduce__(self) -> Any:
+        return ForkIncomplete, (self.cause, self.clones, self.snapshot)
 
 
 class VmConflict(VmmgateError):

@@ -8,8 +8,9 @@ and dump responses from them).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 
 class VmState(enum.StrEnum):
@@ -107,6 +108,23 @@ class VmInfo:
     vmm_status: VmmStatus | None = None
     #: Cluster mode: the id of the node that runs it (None on a single host).
     node: str | None = None
+    #: The VM's labels (``{key: value}``), as given at create or fork.
+    labels: dict[str, str] = field(default_factory=dict)
+    #: Its time limit, if it has or had one.
+    ttl: VmTtl | None = None
+
+
+@dataclass(frozen=True)
+class VmTtl:
+    """A VM's time limit: when it expires, what then, and what happened if it did."""
+
+    expires_at: datetime | None
+    on_expiry: str
+    expired_at: datetime | None = None
+    #: What the expiry did ("stopped", "paused", "snapshotted", or why nothing).
+    outcome: str | None = None
+    #: The catalog entry ``on_expiry: snapshot`` wrote.
+    snapshot_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +152,77 @@ class CreateRequest:
     config: StarterConfig | None = None
     #: Cluster mode: the node to create it on (None: placement chooses).
     node: str | None = None
+    #: vmmgate's additions (issue 14); absent, the original's behaviour.
+    extras: CreateExtras | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WaitFor:
+    """Answer only once the console matches ``console`` or the guest's ``tcp_port`` accepts."""
+
+    console: str | None = None
+    tcp_port: int | None = None
+    timeout_s: float = 60.0
+    #: "keep" the VM when the wait times out, or "stop" it.
+    on_timeout: str = "keep"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CreateExtras:
+    """What a create, a fork or a catalog restore may add: labels, a time limit, a wait."""
+
+    labels: dict[str, str] = field(default_factory=dict)
+    ttl_s: float | None = None
+    on_expiry: str = "stop"
+    wait_for: WaitFor | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForkRequest:
+    """``POST /vms/<id>/fork``: snapshot once, restore ``count`` clones."""
+
+    count: int
+    resume: bool
+    extras: CreateExtras = field(default_factory=CreateExtras)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TtlRequest:
+    """``POST /vms/<id>/ttl``: a new limit from now (``ttl_s``), or none (None)."""
+
+    ttl_s: float | None
+    on_expiry: str | None = None
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A snapshot vmmgate wrote, as its catalog keeps it."""
+
+    id: str
+    vm_id: str | None
+    cpu_snapshot_path: str
+    memory_snapshot_path: str
+    #: The id the VMM wrote in both files (None: a VMM whose format is unknown).
+    snapshot_id: str | None
+    cpu_bytes: int
+    memory_bytes: int
+    memory_mib: int | None
+    vcpus: int | None
+    created_at: datetime
+    labels: dict[str, str]
+    #: Why it was taken: "snapshot" (a request), "fork" or "expiry".
+    origin: str
+
+
+@dataclass(frozen=True)
+class Event:
+    """One VM state change, as the event log keeps it (``id`` grows by one each)."""
+
+    id: int
+    type: str
+    vm_id: str | None
+    time: datetime
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,3 +273,20 @@ class NodeInfo:
     #: VMs the node takes (its VMMGATE_MAX_VMS), and how many more fit.
     vm_slots_total: int
     vm_slots_free: int
+
+
+@dataclass(frozen=True)
+class ForkResult:
+    """The fork answer: the snapshot taken once, and the clones restored from it."""
+
+    snapshot: CatalogEntry
+    vms: list[CreateResponse]
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """Events after an id, and the window the log still keeps (0, 0: empty)."""
+
+    events: list[Event]
+    first_id: int
+    last_id: int

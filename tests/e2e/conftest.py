@@ -167,3 +167,13 @@ def snapshots(server: Server, tmp_path: Path) -> Path:
     path = server.state / "snapshots" / tmp_path.name
     path.mkdir(parents=True)
     return path
+
+
+@pytest.fixture
+def api(server: Server) -> Iterator[Any]:
+    """The session server's JSON API (tests.e2e.extras.Api); what the test made is removed after."""
+    from tests.e2e.extras import Api
+
+    made = Api(server)
+    yield made
+    made.cleanup()

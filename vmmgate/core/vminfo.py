@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vmmgate.core.states import describe_exit
-from vmmgate.model import VmInfo, VmmStatus, VmRecord
+from vmmgate.model import VmInfo, VmmStatus, VmRecord, VmTtl
 
 
 def _timestamp(seconds: float | None) -> datetime | None:
@@ -42,7 +42,13 @@ def vmm_status(answer: dict[str, Any]) -> VmmStatus:
     return VmmStatus(**values)
 
 
-def vm_info(record: VmRecord, status: VmmStatus | None = None) -> VmInfo:
+def vm_info(
+    record: VmRecord,
+    status: VmmStatus | None = None,
+    *,
+    labels: dict[str, str] | None = None,
+    ttl: VmTtl | None = None,
+) -> VmInfo:
     """Build the view of ``record`` (uptime until now, or until it ended)."""
     end = record.exited_at if record.exited_at is not None else time.time()
     created = _timestamp(record.created_at)
@@ -66,6 +72,8 @@ def vm_info(record: VmRecord, status: VmmStatus | None = None) -> VmInfo:
         exit_status=record.exit_status,
         exit_description=describe_exit(record.state, record.exit_status),
         vmm_status=status,
+        labels=labels or {},
+        ttl=ttl,
     )
 
 
@@ -99,9 +107,13 @@ class SnapshotTaken:
     resume: bool
     vm: VmInfo
     snapshot: Snapshot
+    #: The snapshot's id in the catalog (``GET /snapshots/<id>``).
+    catalog_id: str | None = None
 
     @classmethod
-    def of(cls, result: str, snapshot: Snapshot, vm: VmInfo) -> SnapshotTaken:
+    def of(
+        cls, result: str, snapshot: Snapshot, vm: VmInfo, catalog_id: str | None = None
+    ) -> SnapshotTaken:
         """Answer ``snapshot`` (paths as the server resolved them) and ``vm`` after it."""
         return cls(
             result=result,
@@ -110,4 +122,5 @@ class SnapshotTaken:
             resume=snapshot.resume,
             vm=vm,
             snapshot=snapshot,
+            catalog_id=catalog_id,
         )

@@ -15,14 +15,18 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
-from vmmgate.core import console, health, starter
+from vmmgate.core import console, health, lifetimes, starter
+from vmmgate.core.catalog import Catalog
 from vmmgate.core.flavors import Flavor, LaunchSpec, flavor_for
+from vmmgate.core.housekeeper import Housekeeper
+from vmmgate.core.labels import matches
 from vmmgate.core.launcher import Launcher
 from vmmgate.core.paths import PathPolicy
 from vmmgate.core.records import VmRecords
 from vmmgate.core.snapshots import SNAPSHOT_DONE, Snapshots
 from vmmgate.core.states import AFTER, Action, guard
 from vmmgate.core.sweeper import PeriodicSweeper, sweep_roots
+from vmmgate.core.verbs import Verbs
 from vmmgate.core.vminfo import SnapshotTaken, vm_info, vmm_status
 from vmmgate.errors import NodeNotFound, RemoteConflict, RpcError, UnsupportedOption
 from vmmgate.infra.config import Settings
@@ -30,6 +34,7 @@ from vmmgate.infra.procfs import parent_of
 from vmmgate.infra.registry import Registry
 from vmmgate.infra.rpc import VmmClient
 from vmmgate.model import (
+    CreateExtras,
     CreateRequest,
     CreateResponse,
     NodeInfo,
@@ -49,8 +54,12 @@ STATUS_PROBE_S = 2.0
 EXIT_STATUS_WAIT_S = 2.0
 
 
-class Vms:
-    """Creates VMs and carries out every operation on them, by id."""
+class Vms(Verbs):
+    """Creates VMs and carries out every operation on them, by id.
+
+    The verbs beyond the original's (fork, the catalog, time limits, events)
+    are those of its base, :class:`vmmgate.core.verbs.Verbs`.
+    """
 
     def __init__(
         self,
@@ -66,6 +75,8 @@ class Vms:
         self.records = VmRecords(settings, registry, flavor)
         self.launcher = Launcher(settings, registry, flavor, self.records)
         self.snapshots = Snapshots(settings, registry, self.records, flavor, paths)
+        self.catalog = Catalog(settings, registry)
+        registry.events_keep = settings.events_keep
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Vms:
@@ -97,17 +108,24 @@ class Vms:
         PeriodicSweeper(
             settings.snapshot_roots, settings.state_dir / "sweeper.lock"
         ).start()
+        # Time limits and snapshot retention, in one process of the server.
+        Housekeeper(
+            settings.state_dir / "housekeeper.lock", vms.expire_due, vms.catalog.sweep
+        ).start()
         return vms
 
     # --- creating -------------------------------------------------------------
 
     def create(self, request: CreateRequest) -> CreateResponse:
-        """Boot a VM from a kernel, or restore one from snapshot files (``resume``)."""
-        record = self.launcher.launch(self._spec(request))
-        assert record.pid is not None
-        return CreateResponse(
-            pid=record.pid, port=record.port, id=record.id, ssh_port=record.ssh_port
-        )
+        """Boot a VM from a kernel, or restore one from snapshot files (``resume``).
+
+        With ``extras``: labels and a time limit are attached once it is ready,
+        and the answer waits for its ``wait_for``.
+        """
+        extras = request.extras or CreateExtras()
+        self.check_extras(extras, request.tap_device)
+        record = self._launch(self._spec(request))
+        return self.finish(record, extras)
 
     def plan(self, request: CreateRequest) -> int:
         """Check everything ``request`` names, start nothing; return the guest MiB it needs.
@@ -141,15 +159,13 @@ class Vms:
         tap_device: str | None = None,
     ) -> VmRecord:
         """Boot a VM from a kernel image; return its record once its VMM is ready."""
-        return self.launcher.launch(self._boot_spec(kernel_path, config, tap_device))
+        return self._launch(self._boot_spec(kernel_path, config, tap_device))
 
     def restore(
         self, cpu_path: str, memory_path: str, tap_device: str | None = None
     ) -> VmRecord:
         """Restore a VM from a snapshot pair; return its record once its VMM is ready."""
-        return self.launcher.launch(
-            self._restore_spec(cpu_path, memory_path, tap_device)
-        )
+        return self._launch(self._restore_spec(cpu_path, memory_path, tap_device))
 
     def _boot_spec(
         self, kernel_path: str, config: StarterConfig | None, tap_device: str | None
@@ -175,17 +191,37 @@ class Vms:
             memory_mib=memory_mib,
         )
 
+    def _launch(self, spec: LaunchSpec) -> VmRecord:
+        """Launch ``spec``; a restore holds its pair until the VMM is ready."""
+        if spec.kind is not VmKind.RESTORE:
+            return self.launcher.launch(spec)
+        assert spec.cpu_path is not None and spec.memory_path is not None
+        # A catalog pair is held until the VMM is ready: no delete removes it meanwhile.
+        with self.catalog.using(spec.cpu_path, spec.memory_path):
+            return self.launcher.launch(spec)
+
     # --- reading --------------------------------------------------------------
 
     def id_on_port(self, port: int) -> str:
         """Return the id of the live VM whose VMM listens on ``port``; raise VmNotFound."""
         return self.records.live_on_port(port).id
 
-    def list(self, state: VmState | None = None) -> list[VmInfo]:
-        """Return every VM (or those in ``state`` once refreshed), oldest first."""
-        return [
-            vm_info(r) for r in self.records.list() if state is None or r.state is state
-        ]
+    def list(
+        self,
+        state: VmState | None = None,
+        labels: list[tuple[str, str | None]] = (),  # type: ignore[assignment]
+    ) -> list[VmInfo]:
+        """Return every VM (in ``state`` once refreshed, with every label), oldest first."""
+        metas = lifetimes.all_meta(self.registry)
+        found = []
+        for record in self.records.list():
+            meta = metas.get(record.id)
+            mine = dict(meta.labels) if meta else {}
+            if state is not None and record.state is not state:
+                continue
+            if matches(mine, labels):
+                found.append(vm_info(record, labels=mine, ttl=lifetimes.ttl_view(meta)))
+        return found
 
     def get(self, vm_id: str) -> VmInfo:
         """Return one VM, with its VMM's own status when it answers."""
@@ -197,7 +233,7 @@ class Vms:
                 record = self.records.refresh(self.registry.get(vm_id) or record)
             else:
                 record = self._sync_state(record, status)
-        return vm_info(record, status)
+        return self.info(record, status)
 
     def nodes(self) -> list[NodeInfo]:
         """The nodes of a cluster: there are none on one host (NodeNotFound)."""
@@ -255,7 +291,7 @@ class Vms:
             raise
         self.registry.set_state(record.id, AFTER[action])
         log.info("VM %s: %s", record.id, action.value)
-        return vm_info(self.records.get(vm_id))
+        return self.info(self.records.get(vm_id))
 
     def snapshot(
         self, vm_id: str, cpu_path: str, memory_path: str, resume: bool
@@ -264,8 +300,9 @@ class Vms:
         record = self.records.get(vm_id)
         guard(record, Action.SNAPSHOT)
         snapshot = self.snapshots.take(record, cpu_path, memory_path, resume)
+        entry = self.catalog.record(snapshot, "snapshot", self.labels_of(vm_id))
         return SnapshotTaken.of(
-            SNAPSHOT_DONE, snapshot, vm_info(self.records.get(vm_id))
+            SNAPSHOT_DONE, snapshot, self.info(self.records.get(vm_id)), entry.id
         )
 
     def stop(self, vm_id: str, timeout: float | None = None) -> VmInfo:
@@ -280,7 +317,7 @@ class Vms:
             self.records.record_end(record, None)
             wait = 0 if orphan else EXIT_STATUS_WAIT_S
             record = self.records.await_exit_status(record.id, wait) or record
-        final = vm_info(record)
+        final = self.info(record)
         self.registry.delete(record.id)
         if self.launcher.port_claims is not None:
             self.launcher.port_claims.release(record.port, record.id)

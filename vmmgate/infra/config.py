@@ -8,7 +8,6 @@ The limits (``VMMGATE_MAX_*``) and the bearer token (``VMMGATE_TOKEN`` or
 from __future__ import annotations
 
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
 from vmmgate.errors import ConfigError, flatten_messages
 from vmmgate.infra import setting_fields
+from vmmgate.infra.token import load_token
 from vmmgate.shared import consolelog, state
 
 #: The VMMGATE_VMM_FLAVOR values (each names a strategy in vmmgate.core.flavors).
@@ -38,11 +38,7 @@ LIMIT_KEYS = (
 )
 #: The bearer token settings (documented in docs/http-api.md).
 TOKEN_KEYS = setting_fields.TOKEN_KEYS
-MIN_TOKEN_LENGTH = 16
-MAX_TOKEN_LENGTH = 4096
 #: RFC 6750 b64token: what may follow "Bearer " in an Authorization header.
-_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_GENERATE = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 #: Every VMMGATE_* setting the app reads, with the meaning documented in docs/http-api.md.
 SETTING_KEYS = (
@@ -63,6 +59,8 @@ SETTING_KEYS = (
     "VMMGATE_VMM_ENV",
     "VMMGATE_WARM_VMMS",
     "VMMGATE_CLUSTER",
+    "VMMGATE_SNAPSHOT_RETENTION",
+    "VMMGATE_EVENTS_KEEP",
     *LIMIT_KEYS,
     *TOKEN_KEYS,
 )
@@ -186,6 +184,12 @@ class Settings:
     vmm_env: tuple[str, ...] = ()
     #: Pre-started VMMs each worker keeps ready (VMMGATE_WARM_VMMS); 0: none.
     warm_vmms: int = 0
+    #: Which catalog snapshots the background sweep removes (VMMGATE_SNAPSHOT_RETENTION).
+    retention: setting_fields.Retention = field(
+        default_factory=setting_fields.Retention
+    )
+    #: How many events the event log keeps (VMMGATE_EVENTS_KEEP).
+    events_keep: int = 10_000
     #: The bearer token every request must carry (vmmgate.web.auth), or None.
     token: str | None = field(default=None, repr=False)
     #: The Ray cluster's GCS address, host:port (VMMGATE_CLUSTER), or None: one host.
@@ -281,6 +285,12 @@ class SettingsSchema(Schema):
             error="not a Ray GCS address host:port, such as 127.0.0.1:6379",
         ),
     )
+    retention = setting_fields.RetentionField(
+        data_key="VMMGATE_SNAPSHOT_RETENTION", load_default=setting_fields.Retention
+    )
+    events_keep = integer_setting(
+        "VMMGATE_EVENTS_KEEP", 100, 10**7, load_default=10_000
+    )
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -325,6 +335,8 @@ def load_settings(mapping: Mapping[str, Any], cwd: Path | None = None) -> Settin
         vmm_env=data["vmm_env"],
         warm_vmms=data["warm_vmms"],
         cluster=data["cluster"] or None,
+        retention=data["retention"],
+        events_keep=data["events_keep"],
         limits=load_limits(mapping),
         token=load_token(mapping, cwd),
     )
@@ -367,34 +379,3 @@ def _refuse_protected_roots(settings: Settings) -> None:
                     "code, where no client path may lead; choose a directory outside "
                     f"it (the default snapshot root is {settings.snapshot_home})."
                 )
-
-
-def load_token(mapping: Mapping[str, Any], cwd: Path) -> str | None:
-    """Return the configured token (VMMGATE_TOKEN or VMMGATE_TOKEN_FILE), or None."""
-    value = mapping.get("VMMGATE_TOKEN") or None
-    path = mapping.get("VMMGATE_TOKEN_FILE") or None
-    if value is not None and path is not None:
-        raise ConfigError("Set either VMMGATE_TOKEN or VMMGATE_TOKEN_FILE, not both.")
-    source = "VMMGATE_TOKEN"
-    if path is not None:
-        source = f"VMMGATE_TOKEN_FILE ({path})"
-        try:
-            value = Path(cwd, os.path.expanduser(str(path))).read_text("utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"Cannot read the token file {path}: {exc}") from exc
-        if not value:
-            raise ConfigError(f"The token file {path} is empty.")
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
-        raise ConfigError(
-            f"The token in {source} must be letters, digits and -._~+/ "
-            "(optionally ending in =), as a bearer token is; generate one with "
-            f"{_GENERATE}"
-        )
-    if not MIN_TOKEN_LENGTH <= len(value) <= MAX_TOKEN_LENGTH:
-        raise ConfigError(
-            f"The token in {source} must be {MIN_TOKEN_LENGTH} to {MAX_TOKEN_LENGTH} "
-            f"characters long; generate one with {_GENERATE}"
-        )
-    return value

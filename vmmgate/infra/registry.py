@@ -4,11 +4,15 @@ All gunicorn workers share the file (WAL mode, a busy timeout), never one
 worker's memory. A VMM is identified by its pid *and* the pid's start time
 from ``/proc/<pid>/stat``, so a pid reused by an unrelated process is never
 mistaken for our VMM. A live VM's RPC port is UNIQUE (partial index), which
-is also how a port is reserved across workers.
+is also how a port is reserved across workers. Every state change appends an
+event (:mod:`vmmgate.infra.eventlog`) in the same transaction; the same file
+holds the snapshot catalog (:mod:`vmmgate.infra.catalogdb`) and the VMs' labels
+and time limits (:mod:`vmmgate.infra.vmmeta`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -19,17 +23,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from vmmgate.errors import ConfigError
+from vmmgate.infra import catalogdb, eventlog, vmmeta
 from vmmgate.model import LIVE_STATES, VmKind, VmRecord, VmState
 
 BUSY_TIMEOUT_S = 10.0
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: The live states as an SQL list, for ``state IN ...``.
 LIVE_SQL = "(" + ", ".join(f"'{s.value}'" for s in LIVE_STATES) + ")"
 
-_SCHEMA = f"""
+_SCHEMA = (
+    f"""
 CREATE TABLE IF NOT EXISTS vms (
     id                   TEXT PRIMARY KEY,
     kind                 TEXT NOT NULL CHECK (kind IN ('boot', 'restore')),
@@ -52,8 +59,14 @@ CREATE TABLE IF NOT EXISTS vms (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS vms_live_port ON vms (port) WHERE state IN {LIVE_SQL};
 CREATE INDEX IF NOT EXISTS vms_state ON vms (state);
+"""
+    + eventlog.SCHEMA
+    + catalogdb.SCHEMA
+    + vmmeta.SCHEMA
+    + f"""
 PRAGMA user_version = {SCHEMA_VERSION};
 """
+)
 
 
 class NewerSchema(ConfigError):
@@ -98,6 +111,8 @@ class Registry:
         # closing the process's last connection checkpoints the WAL. Connections
         # are never shared across threads, nor across a fork (keyed by pid).
         self._local = threading.local()
+        #: How many events the log keeps (VMMGATE_EVENTS_KEEP).
+        self.events_keep = eventlog.DEFAULT_KEEP
 
     def create(self) -> None:
         """Create the file and schema (idempotent, safe from several workers at once).
@@ -171,6 +186,33 @@ class Registry:
             db.close()
         self._local.db = None
 
+    def reading(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """Return this thread's autocommit connection, for the modules that own a table."""
+        return self._connect()
+
+    def event(
+        self, db: sqlite3.Connection, type_: str, vm_id: str | None, **data: Any
+    ) -> int:
+        """Append an event on ``db`` (the caller's transaction); return its id."""
+        return eventlog.append(db, type_, vm_id, data, self.events_keep)
+
+    def _state_changed(
+        self, db: sqlite3.Connection, vm_id: str, before: str | None
+    ) -> None:
+        """Append the event of ``vm_id``'s state, if it is not ``before`` any more."""
+        row = db.execute("SELECT state FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        if row is None or row["state"] == before:
+            return
+        state = row["state"]
+        kind = "exited" if state in ("exited", "failed") else state
+        self.event(db, kind, vm_id, state=state)
+
+    @staticmethod
+    def _state_of(db: sqlite3.Connection, vm_id: str) -> str | None:
+        """Return ``vm_id``'s state in this transaction, or None."""
+        row = db.execute("SELECT state FROM vms WHERE id = ?", (vm_id,)).fetchone()
+        return row["state"] if row else None
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """Yield a connection inside a write transaction (BEGIN IMMEDIATE), committed at the end.
@@ -212,6 +254,7 @@ class Registry:
                 raise PortTaken(
                     record.port, self.find_live_by_port(record.port)
                 ) from exc
+            self.event(db, "created", record.id, state=record.state.value)
 
     def set_process(self, vm_id: str, pid: int, start_time: int | None) -> None:
         """Record the VMM's pid and its start time."""
@@ -230,25 +273,30 @@ class Registry:
         ssh_port: int | None = None,
     ) -> None:
         """Record that a live VM is running or paused, with its size as the VMM reports it."""
-        with self._connect() as db:
+        with self.transaction() as db:
+            before = self._state_of(db, vm_id)
             db.execute(
                 f"UPDATE vms SET state = ?, memory_mib = COALESCE(?, memory_mib), "
                 f"vcpus = COALESCE(?, vcpus), ssh_port = COALESCE(?, ssh_port) "
                 f"WHERE id = ? AND state IN {LIVE_SQL}",
                 (state.value, memory_mib, vcpus, ssh_port, vm_id),
             )
+            self._state_changed(db, vm_id, before)
 
     def set_state(self, vm_id: str, state: VmState) -> None:
         """Move a live VM to ``state`` (a VM already ended stays ended)."""
-        with self._connect() as db:
+        with self.transaction() as db:
+            before = self._state_of(db, vm_id)
             db.execute(
                 f"UPDATE vms SET state = ? WHERE id = ? AND state IN {LIVE_SQL}",
                 (state.value, vm_id),
             )
+            self._state_changed(db, vm_id, before)
 
     def mark_ended(self, vm_id: str, state: VmState, exit_status: int | None) -> None:
         """Record that a VM ended (``exited`` or ``failed``), keeping a known exit status."""
-        with self._connect() as db:
+        with self.transaction() as db:
+            before = self._state_of(db, vm_id)
             db.execute(
                 "UPDATE vms SET state = CASE WHEN state IN "
                 + LIVE_SQL
@@ -257,6 +305,7 @@ class Registry:
                 "exit_status = COALESCE(?, exit_status) WHERE id = ?",
                 (state.value, time.time(), exit_status, vm_id),
             )
+            self._state_changed(db, vm_id, before)
 
     def get(self, vm_id: str) -> VmRecord | None:
         """Return the VM with this id, or None."""
@@ -294,8 +343,12 @@ class Registry:
 
     def delete(self, vm_id: str) -> bool:
         """Forget a VM (``DELETE /vms/<id>``); tell whether it was there."""
-        with self._connect() as db:
-            return db.execute("DELETE FROM vms WHERE id = ?", (vm_id,)).rowcount > 0
+        with self.transaction() as db:
+            vmmeta.delete(db, vm_id)
+            gone = db.execute("DELETE FROM vms WHERE id = ?", (vm_id,)).rowcount > 0
+            if gone:
+                self.event(db, "deleted", vm_id)
+            return gone
 
     def record_exit(self, pid: int, start_time: int, exit_status: int) -> int:
         """Record the exit status of the VMM that was ``pid`` started at ``start_time``.
@@ -303,15 +356,22 @@ class Registry:
         For a reaper that knows only the process (the gunicorn master adopting
         a dead worker's VMMs); return how many VMs matched (0 or 1).
         """
-        with self._connect() as db:
-            return db.execute(
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT id, state FROM vms WHERE pid = ? AND pid_start_time = ?",
+                (pid, start_time),
+            ).fetchone()
+            if row is None:
+                return 0
+            db.execute(
                 "UPDATE vms SET state = CASE WHEN state = 'starting' THEN 'failed' "
                 f"WHEN state IN {LIVE_SQL} THEN 'exited' ELSE state END, "
                 "exited_at = COALESCE(exited_at, ?), "
-                "exit_status = COALESCE(exit_status, ?) "
-                "WHERE pid = ? AND pid_start_time = ?",
-                (time.time(), exit_status, pid, start_time),
-            ).rowcount
+                "exit_status = COALESCE(exit_status, ?) WHERE id = ?",
+                (time.time(), exit_status, row["id"]),
+            )
+            self._state_changed(db, row["id"], row["state"])
+            return 1
 
 
 #: Columns added after schema version 1: name -> SQL type.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +94,49 @@ class PortRange(fields.Field):
                 "are privileged)."
             )
         return bounds
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many catalog snapshots to keep per VM, and for how long (None: no bound)."""
+
+    keep_last: int | None = None
+    max_age_s: float | None = None
+
+    @property
+    def active(self) -> bool:
+        """Tell whether anything is ever removed."""
+        return self.keep_last is not None or self.max_age_s is not None
+
+
+_DURATION = re.compile(r"(\d{1,9})([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class RetentionField(fields.Field):
+    """``last=N`` and/or ``age=DURATION`` (``90s``, ``30m``, ``12h``, ``7d``), comma-separated."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> Retention:
+        if isinstance(value, Retention):
+            return value
+        if not isinstance(value, str):
+            raise ValidationError("Expected a string such as 'last=5,age=7d'.")
+        found: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, _, raw = item.partition("=")
+            if key == "last" and raw.isdigit() and 1 <= int(raw) <= 100_000:
+                found["keep_last"] = int(raw)
+            elif (
+                key == "age"
+                and (match := _DURATION.fullmatch(raw))
+                and int(match[1]) > 0
+            ):
+                found["max_age_s"] = float(int(match[1]) * _UNIT_S[match[2]])
+            else:
+                raise ValidationError(
+                    f"{item!r}: give last=N (1 to 100000 snapshots per VM) and/or "
+                    "age=DURATION (a number, then s, m, h or d), comma-separated."
+                )
+        return Retention(**found)

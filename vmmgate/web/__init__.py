@@ -19,7 +19,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     from vmmgate.infra import config
     from vmmgate.web import auth, errors, extensions, metrics
-    from vmmgate.web.blueprints import create, nodes, ops, snapshot, vms
+    from vmmgate.web.blueprints import (
+        catalog,
+        create,
+        events,
+        nodes,
+        ops,
+        snapshot,
+        vms,
+    )
 
     # Named after the package, as before the layers: the app's name, logger and root path.
     app = Flask("vmmgate")
@@ -37,5 +45,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(snapshot.bp)
     app.register_blueprint(vms.bp)
     app.register_blueprint(nodes.bp)
+    app.register_blueprint(catalog.bp)
+    app.register_blueprint(events.bp)
     app.register_blueprint(ops.bp)
     return app

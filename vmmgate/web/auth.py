@@ -6,7 +6,7 @@ The existing backend sends no credentials, so the token is off by default. When
 server's error shape with an RFC 6750 ``WWW-Authenticate`` challenge. The token
 is compared in constant time (SHA-256 of both sides, then
 ``hmac.compare_digest``, so not even its length leaks). The token itself is
-read and validated with the other settings (:func:`vmmgate.infra.config.load_token`).
+read and validated with the other settings (:func:`vmmgate.infra.token.load_token`).
 A route is public (``/healthz``, which a load balancer or supervisor must reach
 without the token) when its view's declaration says so
 (:class:`vmmgate.web.openapi.Declarations`), which the OpenAPI document shows too.

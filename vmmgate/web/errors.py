@@ -31,6 +31,8 @@ STATUS: dict[type[domain.VmmgateError], int] = {
     domain.InvalidRequest: 422,  # Rocket's Json guard: data error; and our checks
     domain.Unauthorized: 401,
     domain.VmNotFound: 404,
+    domain.SnapshotNotFound: 404,
+    domain.WaitTimedOut: 504,
     domain.VmConflict: 409,
     domain.LimitExceeded: 429,
     domain.InsufficientStorage: 507,
@@ -62,6 +64,8 @@ INTERNAL_DESCRIPTION = "The server hit an unexpected error; the details are in i
 
 def status_for(error: domain.VmmgateError) -> int:
     """Return the HTTP status for a domain error."""
+    if isinstance(error, domain.ForkIncomplete):
+        return status_for(error.cause)
     for cls in type(error).__mro__:
         if cls in STATUS:
             return STATUS[cls]
@@ -102,7 +106,18 @@ def _domain_error(error: domain.VmmgateError) -> Response:
         log.error("%s: %s", type(error).__name__, error.description)
     else:
         log.info("refused (%s %s): %s", code, type(error).__name__, error.description)
-    response = error_response(code, error.description)
+    if isinstance(error, domain.ForkIncomplete):
+        # The clones that were made, next to the error: the caller owns them.
+        from vmmgate.web.extras_schemas import CATALOG_ENTRY
+        from vmmgate.web.schemas import CREATE_RESPONSE
+
+        body = error_body(code, error.description)
+        body["vms"] = [CREATE_RESPONSE.dump(clone) for clone in error.clones]
+        body["snapshot"] = CATALOG_ENTRY.dump(error.snapshot)
+        response = jsonify(body)
+        response.status_code = code
+    else:
+        response = error_response(code, error.description)
     response.headers.update(getattr(error, "headers", {}))
     return response
 

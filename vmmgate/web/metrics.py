@@ -142,7 +142,7 @@ def _tolerant() -> Iterator[None]:
         log.warning("a metric was not recorded: %s", exc)
 
 
-OPERATION_NAMES = ("boot", "restore", "snapshot", "pause", "resume", "stop")
+OPERATION_NAMES = ("boot", "restore", "snapshot", "pause", "resume", "stop", "fork")
 #: Methods counted by name; any other (a client may send anything) counts as "other".
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}

@@ -36,9 +36,11 @@ TEXT = "text/plain"
 ERRORS = {
     400: "The body is not JSON.",
     401: "A bearer token is required and missing or wrong.",
-    404: "No such VM (never launched by this server, or deleted).",
+    404: "No such VM (never launched by this server, or deleted), or no such "
+    "catalog snapshot.",
     409: "The VM's state forbids the operation (starting, exited, already paused...).",
     413: "The body is larger than VMMGATE_MAX_BODY_BYTES.",
+    414: "The request line is longer than the server takes (4094 bytes).",
     422: "Valid JSON (or query string) that the schema or the path rules refuse.",
     429: "A configured limit would be exceeded.",
     500: "The VMM failed, or an unexpected server error (details in its log).",
@@ -57,6 +59,10 @@ PATH_ERRORS = (404,)
 PATH_PARAMETERS = {
     "vm_id": {
         "description": "The VM's id (the `id` of its `/create` answer or of `GET /vms`).",
+        "schema": {"type": "string", "minLength": 1},
+    },
+    "snapshot_id": {
+        "description": "The snapshot's catalog id (`id` in `GET /snapshots`).",
         "schema": {"type": "string", "minLength": 1},
     },
 }
@@ -80,6 +86,8 @@ class Operation:
     errors: tuple[int, ...] = ()
     public: bool = False
     metric: str | None = None
+    #: Another media type the 200 may have (an event stream), with its schema.
+    also: tuple[str, dict[str, Any]] | None = None
 
 
 def _camel(name: str) -> str:
@@ -107,6 +115,7 @@ class Declarations:
         public: bool = False,
         metric: str | None = None,
         operation_id: str | None = None,
+        also: tuple[str, dict[str, Any]] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Response]]:
         """Declare a view: it gets ``body=``/``query=`` loaded; a non-Response answer is dumped.
 
@@ -129,6 +138,7 @@ class Declarations:
                 errors=errors,
                 public=public,
                 metric=metric,
+                also=also,
             )
 
             @functools.wraps(view)
@@ -223,6 +233,8 @@ def _operation(op: Operation, path_names: list[str]) -> dict[str, Any]:
             **({"content": _content(op.response, op.media)} if op.response else {}),
         }
     }
+    if op.also is not None:
+        responses["200"]["content"][op.also[0]] = {"schema": op.also[1]}
     codes = set(op.errors) | ({401} if not op.public else set())
     codes |= set(BODY_ERRORS if op.body is not None else ())
     codes |= set(QUERY_ERRORS if op.query is not None else ())
@@ -287,6 +299,11 @@ def build_spec(app: Flask) -> APISpec:
                 "name": "nodes",
                 "description": "Cluster mode (VMMGATE_CLUSTER): the nodes VMs run on.",
             },
+            {
+                "name": "snapshots",
+                "description": "The catalog of every snapshot vmmgate wrote.",
+            },
+            {"name": "events", "description": "VM state changes, streamed or polled."},
             {"name": "operations", "description": "Health, metrics, this document."},
         ],
         components={

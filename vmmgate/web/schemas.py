@@ -22,9 +22,16 @@ from typing import Any, ClassVar
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
-from vmmgate.core import snapshots
+from vmmgate.core import labels, lifetimes, snapshots, waitfor
 from vmmgate.errors import InvalidBody, MalformedBody
-from vmmgate.model import CreateRequest, CreateResponse, SnapshotRequest, StarterConfig
+from vmmgate.model import (
+    CreateExtras,
+    CreateRequest,
+    CreateResponse,
+    SnapshotRequest,
+    StarterConfig,
+    WaitFor,
+)
 
 #: The original's answer to a snapshot that succeeded: that one JSON string.
 SNAPSHOT_DONE = {"type": "string", "enum": [snapshots.SNAPSHOT_DONE]}
@@ -45,6 +52,35 @@ class StrictBoolean(fields.Boolean):
         if value is True or value is False:
             return value
         raise self.make_error("invalid", input=value)
+
+
+class StrictNumber(fields.Float):
+    """A JSON number (integer or not), never a string or a boolean."""
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Any, **kwargs: Any
+    ) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid", input=value)
+        return float(value)
+
+
+def _validate_labels(value: dict[str, str]) -> None:
+    """Refuse labels out of bounds (count, key and value charset and length)."""
+    problems = labels.problems(value)
+    if problems:
+        raise ValidationError("; ".join(problems) + f" ({labels.RULES}).")
+
+
+def labels_field(**options: Any) -> fields.Dict:
+    """Return the ``labels`` field: an object of string values, bounded."""
+    return fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        validate=_validate_labels,
+        metadata={"description": labels.RULES},
+        **options,
+    )
 
 
 def _validate_ifname(name: str) -> None:
@@ -82,10 +118,65 @@ class StarterConfigSchema(BodySchema):
     )
 
 
-class CreateRequestSchema(BodySchema):
-    """Schema of the ``/create`` body."""
+class WaitForSchema(BodySchema):
+    """``wait_for``: answer once the console matches, or the guest port accepts."""
+
+    model = WaitFor
+    console = fields.String(
+        validate=validate.Length(min=1, max=waitfor.MAX_PATTERN),
+        metadata={"description": "an RE2 regular expression, matched line by line"},
+    )
+    tcp_port = fields.Integer(
+        strict=True,
+        validate=validate.Range(min=1, max=65535),
+        metadata={"description": "a guest port forwarded to the host (22: ssh_port)"},
+    )
+    timeout_s = StrictNumber(
+        load_default=60.0, validate=validate.Range(min=0.1, max=waitfor.MAX_TIMEOUT_S)
+    )
+    on_timeout = fields.String(
+        load_default="keep", validate=validate.OneOf(["keep", "stop"])
+    )
+
+
+class ExtrasSchema(BodySchema):
+    """The fields create, fork and a catalog restore share: labels, ttl, wait_for."""
+
+    labels = labels_field(load_default=dict)
+    ttl_s = StrictNumber(
+        load_default=None,
+        allow_none=True,
+        validate=validate.Range(min=1, max=lifetimes.MAX_TTL_S),
+        metadata={"description": "seconds until on_expiry happens"},
+    )
+    on_expiry = fields.String(
+        load_default="stop", validate=validate.OneOf(lifetimes.ON_EXPIRY)
+    )
+    wait_for = fields.Nested(WaitForSchema, load_default=None, allow_none=True)
+
+    @staticmethod
+    def extras(data: dict[str, Any]) -> CreateExtras:
+        """Pop the shared fields of a loaded body into a CreateExtras."""
+        return CreateExtras(
+            labels=data.pop("labels"),
+            ttl_s=data.pop("ttl_s"),
+            on_expiry=data.pop("on_expiry"),
+            wait_for=data.pop("wait_for"),
+        )
+
+
+class CreateRequestSchema(ExtrasSchema):
+    """Schema of the ``/create`` body (the original's, plus the shared extras)."""
 
     model = CreateRequest
+
+    @post_load
+    def _make(self, data: dict[str, Any], **_: Any) -> Any:
+        """Build the request, its additions in ``extras``."""
+        extras = self.extras(data)
+        # A body of the original's fields only is the original's request.
+        plain = extras == CreateExtras()
+        return CreateRequest(**data, extras=None if plain else extras)
 
     cpu_snapshot_path = fields.String(required=True)
     memory_snapshot_path = fields.String(required=True)
@@ -135,6 +226,12 @@ def _field(hint: Any, name: str, **options: Any) -> fields.Field:
         return _field(args[0], name, **options, allow_none=True)
     if typing.get_origin(hint) is list:
         return fields.List(_field(args[0], name), **options)
+    if typing.get_origin(hint) is dict:
+        return fields.Dict(
+            keys=fields.String(), values=_field(args[1], name), **options
+        )
+    if hint is Any:
+        return fields.Raw(**options)
     if dataclasses.is_dataclass(hint):
         return fields.Nested(_SCHEMAS.get(hint) or schema_for(hint), **options)
     if isinstance(hint, type) and issubclass(hint, enum.Enum):

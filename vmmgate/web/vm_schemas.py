@@ -123,11 +123,19 @@ class _QuerySchema(Schema):
 
 
 class ListQuerySchema(_QuerySchema):
-    """``GET /vms?state=``."""
+    """``GET /vms?state=&label=``."""
 
     state = fields.String(
         validate=validate.OneOf([s.value for s in VmState]),
         metadata={"description": "only the VMs in this state"},
+    )
+    label = fields.List(
+        fields.String(),
+        load_default=list,
+        metadata={
+            "description": "key=value (or key): only VMs with that label; "
+            "repeat it for AND"
+        },
     )
 
 
@@ -163,8 +171,14 @@ class StopQuerySchema(_QuerySchema):
 
 def load_query(schema: Schema, args: Any) -> dict[str, Any]:
     """Validate a query string with ``schema``; raise InvalidQuery with field messages."""
+    # A repeated parameter (``label``) is a List field: it gets every value.
+    many = {name for name, f in schema.fields.items() if isinstance(f, fields.List)}
+    getlist = getattr(args, "getlist", None)
+    data = {
+        key: (getlist(key) if key in many and getlist else args[key]) for key in args
+    }
     try:
-        return schema.load(args)
+        return schema.load(data)
     except ValidationError as exc:
         raise InvalidQuery(exc.messages) from exc
 

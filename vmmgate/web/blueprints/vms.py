@@ -9,8 +9,10 @@ from typing import Any
 from flask import Blueprint, Response
 from werkzeug.exceptions import TooManyRequests
 
-from vmmgate.model import VmSnapshotRequest, VmState
+from vmmgate.core.labels import parse_filters
+from vmmgate.model import ForkRequest, TtlRequest, VmSnapshotRequest, VmState
 from vmmgate.web.blueprints import service
+from vmmgate.web.extras_schemas import FORK_REQUEST, FORK_RESULT, TTL_REQUEST
 from vmmgate.web.openapi import TEXT, Declarations
 from vmmgate.web.vm_schemas import (
     CONSOLE_QUERY,
@@ -40,14 +42,16 @@ _followers = threading.BoundedSemaphore(MAX_FOLLOWERS)
 @declare(
     "List the VMs this server launched",
     description="Oldest first. States are refreshed on read: a VM whose VMM "
-    "ended shows `exited`.",
+    "ended shows `exited`. `label=key=value` (or `label=key`) filters; "
+    "repeated, every one must match.",
     query=LIST_QUERY,
     response=VM_LIST,
+    errors=(414,),
 )
 def list_vms(query: dict[str, Any]) -> dict[str, Any]:
     """List the VMs, oldest first (``?state=`` filters)."""
     state = VmState(query["state"]) if "state" in query else None
-    return {"vms": service().list(state)}
+    return {"vms": service().list(state, parse_filters(query["label"]))}
 
 
 @bp.get("/<vm_id>")
@@ -104,6 +108,38 @@ def snapshot_vm(vm_id: str, body: VmSnapshotRequest) -> object:
     return service().snapshot(
         vm_id, body.cpu_snapshot_path, body.memory_snapshot_path, body.resume
     )
+
+
+@bp.post("/<vm_id>/fork")
+@declare(
+    "Fork a VM: snapshot it once into the catalog, restore count clones",
+    description="Each clone is a new VM with its own ports, carrying the "
+    "source's labels (the body's override them) and the body's ttl_s and "
+    "wait_for. The source ends running (`resume: true`) or paused. On a "
+    "failure after some clones, the error body also lists them (`vms`) and the "
+    "snapshot (`snapshot`).",
+    body=FORK_REQUEST,
+    response=FORK_RESULT,
+    errors=(*_VMM_ERRORS, 429, 503, 507),
+    metric="fork",
+)
+def fork_vm(vm_id: str, body: ForkRequest) -> object:
+    """Snapshot once and restore ``count`` clones."""
+    return service().fork(vm_id, body)
+
+
+@bp.post("/<vm_id>/ttl")
+@declare(
+    "Set, extend or clear a VM's time limit",
+    description="`ttl_s` seconds from now (null: no limit); `on_expiry` stop, "
+    "pause or snapshot (default: as before). 409 once it expired or ended.",
+    body=TTL_REQUEST,
+    response=VM,
+    errors=(409,),
+)
+def ttl_vm(vm_id: str, body: TtlRequest) -> object:
+    """Give the VM a new deadline, or none."""
+    return service().set_ttl(vm_id, body)
 
 
 class _Stream:
