@@ -33,7 +33,7 @@ from vmmgate.core.vminfo import SnapshotTaken, vm_info
 from vmmgate.core.vms import Vms
 from vmmgate.errors import VmmgateError
 from vmmgate.infra.config import from_environ, load_settings
-from vmmgate.model import CreateRequest, CreateResponse, VmInfo, VmState
+from vmmgate.model import CreateRequest, CreateResponse, TtlRequest, VmInfo, VmState
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,11 @@ class NodeAgent:
 
     # --- reading ----------------------------------------------------------------
 
-    def list(self, state: VmState | None = None) -> list[VmInfo]:
-        """Return this node's VMs (or those in ``state``), oldest first."""
-        return [self._ours(info) for info in self.vms.list(state)]
+    def list(
+        self, state: VmState | None = None, labels: list[tuple[str, str | None]] = ()
+    ) -> list[VmInfo]:
+        """Return this node's VMs (in ``state``, with every label), oldest first."""
+        return [self._ours(info) for info in self.vms.list(state, labels)]
 
     def get(self, vm_id: str) -> VmInfo:
         """Return one VM, with its VMM's own status when it answers."""
@@ -121,6 +123,10 @@ class NodeAgent:
     def resume(self, vm_id: str) -> VmInfo:
         """Resume a paused VM."""
         return self._ours(self.vms.resume(vm_id))
+
+    def set_ttl(self, vm_id: str, request: TtlRequest) -> VmInfo:
+        """Give a VM a new time limit from now, or clear it (this node's housekeeper acts)."""
+        return self._ours(self.vms.set_ttl(vm_id, request))
 
     def snapshot(
         self, vm_id: str, cpu_path: str, memory_path: str, resume: bool

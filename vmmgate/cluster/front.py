@@ -33,6 +33,7 @@ from vmmgate.cluster.ray_link import (
     connect,
     get,
 )
+from vmmgate.cluster.unsupported import NotYetInCluster
 from vmmgate.core.health import Check, Health
 from vmmgate.core.vminfo import SnapshotTaken
 from vmmgate.errors import (
@@ -42,7 +43,17 @@ from vmmgate.errors import (
     VmNotFound,
 )
 from vmmgate.infra.config import Settings
-from vmmgate.model import CreateRequest, CreateResponse, NodeInfo, VmInfo, VmState
+from vmmgate.model import (
+    CreateRequest,
+    CreateResponse,
+    NodeInfo,
+    TtlRequest,
+    VmInfo,
+    VmState,
+)
+
+#: Label filters (``?label=key=value``): key and value, or key alone.
+Labels = list[tuple[str, str | None]] | tuple[()]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +67,7 @@ QUICK_CALL_S = 30.0
 _RemoteAgent = ray.remote(NodeAgent)
 
 
-class ClusterVms:
+class ClusterVms(NotYetInCluster):
     """Creates VMs on the cluster's nodes and carries out every operation, by id."""
 
     def __init__(self, settings: Settings) -> None:
@@ -204,6 +215,8 @@ class ClusterVms:
         room = placement.reserve(memory, target, self._free_room())
         try:
             wait = self.settings.ready_timeout + CALL_MARGIN_S
+            if request.extras is not None and request.extras.wait_for is not None:
+                wait += request.extras.wait_for.timeout_s
             return self._call(room.node, "create", request, room.name, timeout=wait)
         except BaseException:
             placement.release(room.name)
@@ -251,10 +264,10 @@ class ClusterVms:
             raise VmNotFound(f"No live VM of this cluster listens on RPC port {port}.")
         return self._call(entry.node, "id_on_port", port)
 
-    def list(self, state: VmState | None = None) -> list[VmInfo]:
-        """Return every VM of the cluster (or those in ``state``), oldest first."""
+    def list(self, state: VmState | None = None, labels: Labels = ()) -> list[VmInfo]:
+        """Return every VM of the cluster (in ``state``, with every label), oldest first."""
         alive = self.alive()
-        calls = {node: self.agent(node).list.remote(None) for node in alive}
+        calls = {node: self.agent(node).list.remote(None, labels) for node in alive}
         infos: list[VmInfo] = []
         for node, ref in calls.items():
             try:
@@ -262,10 +275,11 @@ class ClusterVms:
             except ClusterUnavailable as exc:
                 log.warning("node %s did not list its VMs: %s", node, exc)
         seen = {info.id for info in infos}
+        # The directory keeps no labels: a label filter shows no lost VM.
         infos += [
             e.lost_info()
             for e in self.directory.entries()
-            if e.id not in seen and self._is_lost(e)
+            if e.id not in seen and self._is_lost(e) and not labels
         ]
         infos.sort(key=lambda info: info.created_at)
         return [info for info in infos if state is None or info.state == state.value]
@@ -309,6 +323,10 @@ class ClusterVms:
     def resume(self, vm_id: str) -> VmInfo:
         """Resume a paused VM."""
         return self._call(self._live_entry(vm_id).node, "resume", vm_id)
+
+    def set_ttl(self, vm_id: str, request: TtlRequest) -> VmInfo:
+        """Give a VM a new time limit (kept and enforced on its node), or clear it."""
+        return self._call(self._live_entry(vm_id).node, "set_ttl", vm_id, request)
 
     def snapshot(
         self, vm_id: str, cpu_path: str, memory_path: str, resume: bool
