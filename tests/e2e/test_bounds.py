@@ -71,13 +71,28 @@ def console_vms(console_server: Server) -> Iterator[VmFactory]:
     factory.stop_all()
 
 
+def read_or_empty(path: Path) -> bytes:
+    """Return a segment's bytes; empty while it is missing (between rename and create)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def inode_of(path: Path) -> int | None:
+    """Return ``path``'s inode, or None in the moment a rotation has renamed it away."""
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
 def segments(vm: Vm) -> tuple[bytes, bytes]:
     """Return (console.log.1, console.log) as they are now, checking both against the cap."""
     current = vm.console
     old = rotated_path(current)
     # console.log is read first: a rotation in between only repeats output, never skips it.
-    new_bytes = current.read_bytes() if current.exists() else b""
-    old_bytes = old.read_bytes() if old.exists() else b""
+    new_bytes, old_bytes = read_or_empty(current), read_or_empty(old)
     assert len(new_bytes) <= CAP, f"{current} is {len(new_bytes)} bytes"
     assert len(old_bytes) <= CAP, f"{old} is {len(old_bytes)} bytes"
     return old_bytes, new_bytes
@@ -150,12 +165,13 @@ def test_console_rotates_within_the_cap_and_keeps_counting(
     assert FIRST_KERNEL_LINE not in retained(vm)
 
     # Follow from here across a rotation of the counter lines themselves.
-    inode = vm.console.stat().st_ino
+    inode = wait_for(lambda: inode_of(vm.console), 10, "console.log")
     follow = Follow(console_server, vm, "tail=1&follow=1&timeout=300")
     try:
         wait_for(
             lambda: (
-                vm.console.stat().st_ino != inode and counters(segments(vm)[1].decode())
+                inode_of(vm.console) not in (inode, None)
+                and counters(segments(vm)[1].decode())
             ),
             ROTATION_TIMEOUT,
             "a rotation with counter lines on both sides",

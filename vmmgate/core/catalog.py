@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from collections import defaultdict
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from vmmgate.core.rundir import registry_error
 from vmmgate.core.vminfo import Snapshot
 from vmmgate.errors import SnapshotNotFound, VmConflict
 from vmmgate.infra import catalogdb
@@ -110,10 +112,18 @@ class Catalog:
     def using(self, cpu: Path, memory: Path) -> Iterator[CatalogEntry | None]:
         """Hold the entry of the pair at ``cpu`` + ``memory`` (if listed) for a restore."""
         holder = uuid.uuid4().hex
-        with self.registry.transaction() as db:
-            entry = catalogdb.by_paths(db, str(cpu), str(memory))
-            if entry is not None:
-                catalogdb.lease(db, entry.id, holder)
+        # Most restores name a pair outside the catalog: they write nothing here.
+        with self.registry.reading() as db:
+            listed = catalogdb.by_paths(db, str(cpu), str(memory))
+        entry = None
+        if listed is not None:
+            try:
+                with self.registry.transaction() as db:
+                    entry = catalogdb.by_paths(db, str(cpu), str(memory))
+                    if entry is not None:
+                        catalogdb.lease(db, entry.id, holder)
+            except sqlite3.Error as exc:
+                raise registry_error(self.registry.path, exc) from exc
         try:
             yield entry
         finally:

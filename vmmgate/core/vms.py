@@ -23,6 +23,7 @@ from vmmgate.core.labels import matches
 from vmmgate.core.launcher import Launcher
 from vmmgate.core.paths import PathPolicy
 from vmmgate.core.records import VmRecords
+from vmmgate.core.rundir import check_state_dir
 from vmmgate.core.snapshots import SNAPSHOT_DONE, Snapshots
 from vmmgate.core.states import AFTER, Action, guard
 from vmmgate.core.sweeper import PeriodicSweeper, sweep_roots
@@ -196,6 +197,9 @@ class Vms(Verbs):
         if spec.kind is not VmKind.RESTORE:
             return self.launcher.launch(spec)
         assert spec.cpu_path is not None and spec.memory_path is not None
+        # The lease below writes to the registry: a full or read-only state
+        # directory must answer its own error (507/503) before that write.
+        check_state_dir(self.settings.vms_dir)
         # A catalog pair is held until the VMM is ready: no delete removes it meanwhile.
         with self.catalog.using(spec.cpu_path, spec.memory_path):
             return self.launcher.launch(spec)
