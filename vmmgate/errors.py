@@ -27,7 +27,6 @@ to HTTP statuses lives in one place, :mod:`vmmgate.web.errors`.
     ├── StateDirUnusable            the state directory cannot be written 503
     ├── NodeNotFound                cluster mode: no such node (or not a cluster) 404
     ├── ClusterUnavailable          cluster mode: Ray or a node's agent is down 503
-    ├── ClusterUnsupported          cluster mode: a verb it does not have yet 501
     ├── WaitTimedOut                wait_for saw no match in time (tail)  504
     ├── ForkIncomplete              some clones made, then an error       (its cause's)
     ├── LaunchError                 a VMM could not be started
@@ -205,10 +204,6 @@ class NodeNotFound(VmmgateError):
 
 class ClusterUnavailable(VmmgateError):
     """Cluster mode: Ray, or the agent of the VM's node, does not answer."""
-
-
-class ClusterUnsupported(VmmgateError):
-    """Cluster mode: the verb exists on a single host only, so far."""
 
 
 class LimitExceeded(VmmgateError):

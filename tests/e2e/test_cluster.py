@@ -204,17 +204,15 @@ def test_bad_cluster_input_is_a_clear_error_and_changes_nothing(
         answer = front.post("/create", {**boot_body(KERNEL), **bad})
         assert answer.status == status, answer.text
         assert words in answer.json["error"]["description"]
-    # What cluster mode does not have yet is a clear 501, not a 500.
-    for method, path, body in (
-        ("POST", "/vms/0123456789ab/fork", {"count": 1, "resume": True}),
-        ("GET", "/snapshots", None),
-        ("GET", "/events?since=0", None),
+    for method, path, body, status in (
+        ("POST", "/vms/0123456789ab/fork", {"count": 1, "resume": True}, 404),
+        ("GET", "/snapshots/0123456789abcdef", None, 404),
+        ("POST", "/snapshots/0123456789abcdef/restore", {}, 404),
     ):
         answer = (
             front.post(path, body) if method == "POST" else front.request(method, path)
         )
-        assert answer.status == 501, answer.text
-        assert "cluster mode" in answer.json["error"]["description"]
+        assert answer.status == status, answer.text
     answer = front.post(
         "/snapshot",
         {
@@ -227,6 +225,85 @@ def test_bad_cluster_input_is_a_clear_error_and_changes_nothing(
     assert answer.status == 404, answer.text
     assert front.request("GET", "/vms").json == before
     assert {node: n["memory_free_mib"] for node, n in nodes(front).items()} == free
+
+
+def events_after(front: Server, mark: int) -> list[dict[str, Any]]:
+    """GET /events?since=mark: the cluster's events after ``mark``."""
+    answer = front.request("GET", f"/events?since={mark}&limit=1000")
+    assert answer.status == 200, answer.text
+    return answer.json["events"]
+
+
+def last_event_id(front: Server) -> int:
+    """Return the id of the cluster's newest event (0: none yet)."""
+    return front.request("GET", "/events?since=0&limit=1").json["last_id"]
+
+
+def test_fork_the_catalog_and_the_events_span_the_nodes(
+    front: Server, made: list[str]
+) -> None:
+    """A fork snapshots on the source's node and places each clone; the catalog
+    and the event log are the whole cluster's."""
+    mark = last_event_id(front)
+    source = create(front, made, {**boot_body(KERNEL), "labels": {"team": "f"}})
+    counter_above(front, source["id"], 2)
+    bad = front.post(f"/vms/{source['id']}/fork", {"count": 0, "resume": True})
+    assert bad.status == 422 and "count" in bad.json["error"]["description"]
+    answer = front.post(
+        f"/vms/{source['id']}/fork",
+        {"count": 2, "resume": False, "labels": {"role": "clone"}},
+    )
+    assert answer.status == 200, answer.text
+    clones = answer.json["vms"]
+    made += [clone["id"] for clone in clones]
+    entry = answer.json["snapshot"]
+    assert entry["origin"] == "fork" and entry["vm_id"] == source["id"]
+    assert front.request("GET", f"/vms/{source['id']}").json["state"] == "paused"
+    at_fork = counter(front, source["id"])
+    for clone in clones:
+        assert clone["node"] and clone["port"] != source["port"]
+        counter_above(front, clone["id"], at_fork)
+        details = front.request("GET", f"/vms/{clone['id']}").json
+        assert details["labels"] == {"team": "f", "role": "clone"}
+    # One catalog, whichever node wrote the entry.
+    listed = front.request("GET", f"/snapshots?vm={source['id']}").json
+    assert [e["id"] for e in listed["snapshots"]] == [entry["id"]]
+    assert front.request("GET", f"/snapshots/{entry['id']}").json == entry
+    restored = front.post(f"/snapshots/{entry['id']}/restore", {"labels": {"n": "3"}})
+    assert restored.status == 200, restored.text
+    made.append(restored.json["id"])
+    counter_above(front, restored.json["id"], at_fork)
+    deleted = front.request("DELETE", f"/snapshots/{entry['id']}")
+    assert deleted.status == 200, deleted.text
+    assert front.request("GET", f"/snapshots/{entry['id']}").status == 404
+    assert not os.path.exists(entry["memory_snapshot_path"])
+    # One event log: every node's changes, in order, each naming its node.
+    ids = {source["id"], restored.json["id"], *(c["id"] for c in clones)}
+
+    def seen() -> dict[str, list[str]]:
+        found: dict[str, list[str]] = {vm_id: [] for vm_id in ids}
+        for event in events_after(front, mark):
+            if event["vm_id"] in found:
+                found[event["vm_id"]].append(event["type"])
+        return found
+
+    wait_for(
+        lambda: (
+            all("running" in types for types in seen().values())
+            and "paused" in seen()[source["id"]]
+        ),
+        30,
+        "the cluster's events of the fork",
+        interval=0.5,
+    )
+    events = events_after(front, mark)
+    assert [e["id"] for e in events] == sorted({e["id"] for e in events})
+    by_vm = seen()
+    assert by_vm[source["id"]][:2] == ["created", "running"]
+    assert "snapshotted" in by_vm[source["id"]]
+    nodes_of = {e["vm_id"]: e["data"]["node"] for e in events if e["vm_id"] in ids}
+    assert nodes_of[source["id"]] == source["node"]
+    assert all(nodes_of[c["id"]] == c["node"] for c in clones)
 
 
 def test_a_restarted_front_keeps_the_vm_list(front: Server, made: list[str]) -> None:
@@ -282,6 +359,8 @@ def test_a_dead_nodes_vms_are_lost_and_a_returning_node_brings_no_ghosts(
     assert lost_after <= LOST_WITHIN_S
     dead = nodes(front)[doomed_id]
     assert dead["state"] == "dead" and dead["vms"] == 0
+    lost = [e for e in events_after(front, 0) if e["type"] == "lost"]
+    assert {e["vm_id"] for e in lost} >= {vm["id"] for vm in on_doomed}
     # Their room is released (no placement group holds it anywhere else) ...
     assert sum(
         n["memory_free_mib"] for n in nodes(front).values() if n["state"] == "alive"

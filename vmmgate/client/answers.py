@@ -13,7 +13,7 @@ from vmmgate.client.errors import UnexpectedResponse
 from vmmgate.model import CreateResponse
 
 #: A VM's state, as the server reports it.
-VmState = Literal["starting", "running", "paused", "exited", "failed"]
+VmState = Literal["starting", "running", "paused", "exited", "failed", "lost"]
 
 
 def _time(value: str) -> datetime:
@@ -111,3 +111,53 @@ class Health(_Answer):
 
 
 _load_check = partial(build, HealthCheck)
+
+
+class Snapshot(model.CatalogEntry, _Answer):
+    """One entry of the snapshot catalog (``GET /snapshots``)."""
+
+    @classmethod
+    def load(cls, data: Any) -> Snapshot:
+        """Build an entry from its JSON object."""
+        return build(cls, data, created_at=_time)
+
+
+class Event(model.Event, _Answer):
+    """One VM state change of ``GET /events`` (``time`` parsed)."""
+
+    @classmethod
+    def load(cls, data: Any) -> Event:
+        """Build an event from its JSON object."""
+        return build(cls, data, time=_time)
+
+
+@dataclass(frozen=True)
+class EventPage(_Answer):
+    """``GET /events?since=``: the events after an id, and the window the server keeps."""
+
+    events: tuple[Event, ...]
+    first_id: int
+    last_id: int
+
+    @classmethod
+    def load(cls, data: Any) -> EventPage:
+        """Build the page from its JSON object."""
+        return build(cls, data, events=lambda items: tuple(map(Event.load, items)))
+
+
+@dataclass(frozen=True)
+class Fork(_Answer):
+    """``POST /vms/<id>/fork``: the snapshot taken once and the clones made from it."""
+
+    snapshot: Snapshot
+    vms: tuple[Created, ...]
+
+    @classmethod
+    def load(cls, data: Any) -> Fork:
+        """Build the answer from its JSON object."""
+        return build(
+            cls,
+            data,
+            snapshot=Snapshot.load,
+            vms=lambda items: tuple(build(Created, item) for item in items),
+        )

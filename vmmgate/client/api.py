@@ -6,8 +6,7 @@ import http.client
 import json
 import ssl
 import urllib.parse
-from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +26,15 @@ from vmmgate.client.errors import (
     UnexpectedResponse,
     api_error,
 )
+from vmmgate.client.sandbox import SandboxVerbs
+from vmmgate.client.wire import (
+    GRACE_S,
+    ConsoleStream,
+    label_filters,
+    present,
+    vm_path,
+    wait_budget,
+)
 from vmmgate.model import (
     CreateRequest,
     SnapshotRequest,
@@ -38,56 +46,12 @@ DEFAULT_URL = "http://127.0.0.1:8010"
 
 #: The placeholders a boot sends for the snapshot paths (and a restore for the kernel).
 _UNUSED = {"cpu": "<cpu_path>", "memory": "<memory_path>", "kernel": "<kernel>"}
-#: Extra seconds to wait for an answer beyond what the server was asked to wait.
-_GRACE_S = 30.0
 #: The most of an error answer's body that is read.
 _MAX_ERROR_BYTES = 1 << 16
 
 
-class ConsoleStream(AbstractContextManager["ConsoleStream"]):
-    """A followed console: iterate over its bytes as the guest writes them.
-
-    It ends when the VM ends or the server's ``timeout`` passes. Close it (or
-    use it in a ``with``) to stop early.
-    """
-
-    def __init__(
-        self, answer: http.client.HTTPResponse, url: str, read_timeout: float
-    ) -> None:
-        self._answer = answer
-        self._url = url
-        self._read_timeout = read_timeout
-
-    def __iter__(self) -> Iterator[bytes]:
-        """Return the stream itself."""
-        return self
-
-    def __next__(self) -> bytes:
-        """Return the next chunk, as soon as the server sends it."""
-        try:
-            chunk = self._answer.read1(65536)
-        except TimeoutError:
-            self.close()
-            raise ResponseTimeout(self._url, self._read_timeout) from None
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise ConnectionFailed(self._url, exc) from None
-        if not chunk:
-            self.close()
-            raise StopIteration
-        return chunk
-
-    def close(self) -> None:
-        """Close the connection (the server then ends the stream)."""
-        self._answer.close()
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Close the stream at the end of a ``with``."""
-        self.close()
-
-
 @dataclass(frozen=True)
-class Client:
+class Client(SandboxVerbs):
     """A vmmgate server's HTTP API, one method per route.
 
     ``connect_timeout`` bounds establishing the connection and ``read_timeout``
@@ -118,12 +82,15 @@ class Client:
         tap_device: str | None = None,
         config: StarterConfig | None = None,
         node: str | None = None,
+        **extras: Any,
     ) -> Created:
         """``POST /create`` with ``resume: false``: boot a fresh VM from a kernel.
 
         ``node``: cluster mode, the node to boot it on (an id from :meth:`nodes`).
+        ``extras``: ``labels``, ``ttl_s``, ``on_expiry``, ``wait_for`` (docs/http-api.md).
         """
         return self._create(
+            extras,
             CreateRequest(
                 cpu_snapshot_path=_UNUSED["cpu"],
                 memory_snapshot_path=_UNUSED["memory"],
@@ -132,7 +99,7 @@ class Client:
                 tap_device=tap_device,
                 config=config,
                 node=node,
-            )
+            ),
         )
 
     def restore(
@@ -142,12 +109,14 @@ class Client:
         *,
         tap_device: str | None = None,
         node: str | None = None,
+        **extras: Any,
     ) -> Created:
         """``POST /create`` with ``resume: true``: restore a VM from a snapshot pair.
 
-        ``node``: cluster mode, the node to restore it on.
+        ``node``: cluster mode, the node to restore it on. ``extras`` as :meth:`boot`.
         """
         return self._create(
+            extras,
             CreateRequest(
                 cpu_snapshot_path=cpu_snapshot_path,
                 memory_snapshot_path=memory_snapshot_path,
@@ -155,16 +124,21 @@ class Client:
                 resume=True,
                 tap_device=tap_device,
                 node=node,
-            )
+            ),
         )
 
-    def _create(self, request: CreateRequest) -> Created:
-        """``POST /create`` with ``request`` (without ``config`` or ``node`` unless set)."""
+    def _create(self, extras: Mapping[str, Any], request: CreateRequest) -> Created:
+        """``POST /create`` with ``request`` and ``extras`` (what is None is left out)."""
         body = asdict(request)
+        del body["extras"]
         for key in ("config", "node"):
             if body[key] is None:
                 del body[key]
-        return build(Created, self._json("POST", "/create", body=body))
+        body |= present(extras)
+        wait = wait_budget(self.read_timeout, extras)
+        return build(
+            Created, self._json("POST", "/create", body=body, read_timeout=wait)
+        )
 
     def snapshot(
         self,
@@ -193,9 +167,12 @@ class Client:
 
     # The /vms routes.
 
-    def list_vms(self, state: VmState | None = None) -> list[Vm]:
-        """``GET /vms``: the VMs, oldest first (only those in ``state``, if given)."""
-        answer = self._json("GET", "/vms", query={"state": state})
+    def list_vms(
+        self, state: VmState | None = None, labels: Mapping[str, str] | None = None
+    ) -> list[Vm]:
+        """``GET /vms``: the VMs, oldest first (in ``state``, carrying every label given)."""
+        query = {"state": state, "label": label_filters(labels)}
+        answer = self._json("GET", "/vms", query=query)
         vms = answer.get("vms") if isinstance(answer, dict) else None
         if not isinstance(vms, list):
             raise UnexpectedResponse(
@@ -213,15 +190,15 @@ class Client:
 
     def get_vm(self, vm_id: str) -> Vm:
         """``GET /vms/<id>``: one VM, with what its VMM reports (``vmm_status``)."""
-        return Vm.load(self._json("GET", _vm_path(vm_id)))
+        return Vm.load(self._json("GET", vm_path(vm_id)))
 
     def pause(self, vm_id: str) -> Vm:
         """``POST /vms/<id>/pause``: pause a running VM."""
-        return Vm.load(self._json("POST", _vm_path(vm_id, "pause")))
+        return Vm.load(self._json("POST", vm_path(vm_id, "pause")))
 
     def resume(self, vm_id: str) -> Vm:
         """``POST /vms/<id>/resume``: resume a paused VM."""
-        return Vm.load(self._json("POST", _vm_path(vm_id, "resume")))
+        return Vm.load(self._json("POST", vm_path(vm_id, "resume")))
 
     def snapshot_vm(
         self,
@@ -237,20 +214,20 @@ class Client:
             memory_snapshot_path=memory_snapshot_path,
             resume=resume,
         )
-        path = _vm_path(vm_id, "snapshot")
+        path = vm_path(vm_id, "snapshot")
         answer = self._json("POST", path, body=asdict(request))
         return build(VmSnapshot, answer, vm=Vm.load)
 
     def stop(self, vm_id: str, timeout: float | None = None) -> Vm:
         """``DELETE /vms/<id>``: stop (SIGKILL after ``timeout`` s), forget; the final VM."""
-        wait = None if timeout is None else max(self.read_timeout, timeout + _GRACE_S)
-        path, query = _vm_path(vm_id), {"timeout": timeout}
+        wait = None if timeout is None else max(self.read_timeout, timeout + GRACE_S)
+        path, query = vm_path(vm_id), {"timeout": timeout}
         return Vm.load(self._json("DELETE", path, query=query, read_timeout=wait))
 
     def console(self, vm_id: str, tail: int | None = None) -> bytes:
         """``GET /vms/<id>/console``: the retained serial output (its last ``tail`` lines)."""
         with self._open(
-            "GET", _vm_path(vm_id, "console"), query={"tail": tail}
+            "GET", vm_path(vm_id, "console"), query={"tail": tail}
         ) as answer:
             return self._read(answer, self.read_timeout)
 
@@ -261,10 +238,10 @@ class Client:
 
         The stream ends when the VM ends or after ``timeout`` seconds.
         """
-        wait = max(self.read_timeout, timeout + _GRACE_S)
+        wait = max(self.read_timeout, timeout + GRACE_S)
         query = {"tail": tail, "follow": "1", "timeout": timeout}
         answer = self._open(
-            "GET", _vm_path(vm_id, "console"), query=query, read_timeout=wait
+            "GET", vm_path(vm_id, "console"), query=query, read_timeout=wait
         )
         return ConsoleStream(answer, self.url, wait)
 
@@ -307,6 +284,7 @@ class Client:
         body: Any = None,
         query: Mapping[str, Any] | None = None,
         read_timeout: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> http.client.HTTPResponse:
         """Send a request; return the open answer, or raise its error."""
         wait = read_timeout or self.read_timeout
@@ -314,8 +292,8 @@ class Client:
         params = {k: v for k, v in (query or {}).items() if v is not None}
         target = parts.path.rstrip("/") + path
         if params:
-            target += "?" + urllib.parse.urlencode(params)
-        headers = {"Accept": "application/json"}
+            target += "?" + urllib.parse.urlencode(params, doseq=True)
+        headers = {"Accept": "application/json", **(headers or {})}
         data = None if body is None else json.dumps(body).encode()
         if data is not None:
             headers["Content-Type"] = "application/json"
@@ -376,15 +354,12 @@ class Client:
         raw = self._read(answer, wait, _MAX_ERROR_BYTES)
         headers = dict(answer.getheaders())
         try:
-            error = json.loads(raw)["error"]
+            body = json.loads(raw)
+            error = body["error"]
             code, reason = int(error["code"]), str(error["reason"])
-            return api_error(code, reason, error["description"], headers)
+            found = api_error(code, reason, error["description"], headers)
+            found.body = body
+            return found
         except (ValueError, KeyError, TypeError):
             text = raw.decode("utf-8", "replace").strip()[:500]
             return api_error(answer.status, answer.reason, text or None, headers)
-
-
-def _vm_path(vm_id: str, action: str | None = None) -> str:
-    """Return ``/vms/<id>[/<action>]``, the id quoted."""
-    path = "/vms/" + urllib.parse.quote(vm_id, safe="")
-    return f"{path}/{action}" if action else path

@@ -62,6 +62,8 @@ class ApiError(VmmgateError):
         self.reason = reason
         self.description = description
         self.headers = dict(headers or {})
+        #: The whole JSON answer: a partial fork adds ``vms`` and ``snapshot``.
+        self.body: dict[str, Any] = {}
         super().__init__(
             f"{code} {reason}" + (f": {description}" if description else "")
         )

@@ -31,9 +31,19 @@ from vmmgate.cluster.directory import Directory, VmEntry
 from vmmgate.core.health import Health
 from vmmgate.core.vminfo import SnapshotTaken, vm_info
 from vmmgate.core.vms import Vms
-from vmmgate.errors import VmmgateError
+from vmmgate.errors import SnapshotNotFound, VmmgateError
 from vmmgate.infra.config import from_environ, load_settings
-from vmmgate.model import CreateRequest, CreateResponse, TtlRequest, VmInfo, VmState
+from vmmgate.model import (
+    CatalogEntry,
+    CreateExtras,
+    CreateRequest,
+    CreateResponse,
+    EventPage,
+    ForkRequest,
+    TtlRequest,
+    VmInfo,
+    VmState,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +65,8 @@ class NodeAgent:
         self.vms = Vms.from_settings(settings)
         self.vms.launcher.port_claims = self.directory
         self._stop_ghosts()
+        # The front merges this node's events from here on (not an earlier life's).
+        self._origin = self.vms.events_since(0, 1).last_id
         self._stopping = threading.Event()
         threading.Thread(target=self._watch, name="agent-watch", daemon=True).start()
         log.info("vmmgate agent of node %s, state in %s", self.node, settings.state_dir)
@@ -143,6 +155,39 @@ class NodeAgent:
             placement.release(entry.reservation)
             self.directory.delete(vm_id)
         return final
+
+    # --- fork, the catalog and events (the front gathers them) -------------------
+
+    def fork_snapshot(
+        self, vm_id: str, request: ForkRequest
+    ) -> tuple[CatalogEntry, CreateExtras]:
+        """Take a fork's one snapshot into this node's catalog; the front places the clones."""
+        return self.vms.fork_snapshot(vm_id, request)
+
+    def list_snapshots(
+        self, vm_id: str | None, labels: list[tuple[str, str | None]]
+    ) -> list[CatalogEntry]:
+        """Return this node's catalog (of ``vm_id``, with every label), oldest first."""
+        return self.vms.list_snapshots(vm_id, labels)
+
+    def find_snapshot(self, entry_id: str) -> CatalogEntry | None:
+        """Return this node's catalog entry ``entry_id``, or None."""
+        try:
+            return self.vms.get_snapshot(entry_id)
+        except SnapshotNotFound:
+            return None
+
+    def delete_snapshot(self, entry_id: str) -> CatalogEntry:
+        """Remove one of this node's catalog entries and its files."""
+        return self.vms.delete_snapshot(entry_id)
+
+    def events_since(self, after: int, limit: int) -> EventPage:
+        """Return this node's events after id ``after``."""
+        return self.vms.events_since(after, limit)
+
+    def event_origin(self) -> int:
+        """Return the id of this node's last event before this agent started."""
+        return self._origin
 
     def shutdown(self, timeout: float = GHOST_STOP_TIMEOUT_S) -> int:
         """Stop and forget every VM of this node, and its warm VMMs; return how many VMs.

@@ -23,6 +23,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from vmmgate.cluster import placement
 from vmmgate.cluster.agent import NodeAgent
 from vmmgate.cluster.directory import Directory, VmEntry
+from vmmgate.cluster.events import ClusterEvents
+from vmmgate.cluster.front_verbs import ClusterVerbs
 from vmmgate.cluster.monitor import Monitor
 from vmmgate.cluster.ray_link import (
     AGENT_PREFIX,
@@ -32,8 +34,9 @@ from vmmgate.cluster.ray_link import (
     SLOTS,
     connect,
     get,
+    get_nodes,
+    stream_chunks,
 )
-from vmmgate.cluster.unsupported import NotYetInCluster
 from vmmgate.core.health import Check, Health
 from vmmgate.core.vminfo import SnapshotTaken
 from vmmgate.errors import (
@@ -43,6 +46,7 @@ from vmmgate.errors import (
     VmNotFound,
 )
 from vmmgate.infra.config import Settings
+from vmmgate.infra.registry import Registry
 from vmmgate.model import (
     CreateRequest,
     CreateResponse,
@@ -67,7 +71,7 @@ QUICK_CALL_S = 30.0
 _RemoteAgent = ray.remote(NodeAgent)
 
 
-class ClusterVms(NotYetInCluster):
+class ClusterVms(ClusterVerbs):
     """Creates VMs on the cluster's nodes and carries out every operation, by id."""
 
     def __init__(self, settings: Settings) -> None:
@@ -78,6 +82,11 @@ class ClusterVms(NotYetInCluster):
         self._agents: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
+        # The front's own registry holds one thing: the cluster's event log.
+        self.registry = Registry(settings.registry_path)
+        self.registry.create()
+        self.registry.events_keep = settings.events_keep
+        self.events = ClusterEvents(self.registry)
         self.monitor = Monitor(self)
 
     @classmethod
@@ -85,6 +94,7 @@ class ClusterVms(NotYetInCluster):
         """Join the cluster and start watching its nodes."""
         front = cls(settings)
         front.monitor.start()
+        front.events.start(front.alive, front.agent)
         return front
 
     # --- nodes ------------------------------------------------------------------
@@ -256,6 +266,10 @@ class ClusterVms(NotYetInCluster):
             )
         return entry
 
+    def _live_node(self, vm_id: str) -> str:
+        """Return the node of a VM whose node is alive; VmConflict if it was lost."""
+        return self._live_entry(vm_id).node
+
     def id_on_port(self, port: int) -> str:
         """Return the id of the live VM whose VMM listens on ``port``; raise VmNotFound."""
         holder = self.directory.holder(port)
@@ -346,6 +360,7 @@ class ClusterVms(NotYetInCluster):
             placement.release(entry.reservation)
             self.directory.release(entry.port, entry.id)
             self.directory.delete(entry.id)
+            self.events.record("deleted", entry.id, node=entry.node, state="lost")
             return final
         wait = (timeout or self.settings.stop_timeout) + CALL_MARGIN_S
         return self._call(entry.node, "stop", vm_id, timeout, timeout=wait)
@@ -369,31 +384,4 @@ class ClusterVms(NotYetInCluster):
         node = self._live_entry(vm_id).node
         method = self.agent(node).follow_console.options(num_returns="streaming")
         stream = method.remote(vm_id, tail, duration)
-        return _chunks(stream, duration + CALL_MARGIN_S)
-
-
-def _chunks(stream: Any, timeout: float) -> Iterator[bytes]:
-    """Yield the chunks of an agent's console stream; cancel it if the client leaves."""
-    from vmmgate.cluster.ray_link import blocking
-
-    try:
-        while True:
-            ref = blocking(next, stream, None)
-            if ref is None:
-                return
-            yield get(ref, timeout, "console")
-    finally:
-        try:
-            ray.cancel(stream)
-        except Exception as exc:  # noqa: BLE001 - it may have finished already
-            log.debug("cancelling a console stream: %s", exc)
-
-
-def get_nodes() -> list[dict[str, Any]]:
-    """Return Ray's node table; ClusterUnavailable if Ray does not answer."""
-    from vmmgate.cluster.ray_link import blocking
-
-    try:
-        return blocking(ray.nodes)
-    except Exception as exc:  # any failure means the same to a client
-        raise ClusterUnavailable(f"Ray does not answer: {exc}") from exc
+        return stream_chunks(stream, duration + CALL_MARGIN_S)

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from vmmgate.cluster import placement
 from vmmgate.cluster.directory import Directory
+from vmmgate.cluster.events import ClusterEvents
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class Front(Protocol):
     """What a round needs of the front (``front.ClusterVms``)."""
 
     directory: Directory
+    events: ClusterEvents
 
     def cluster_nodes(self, fresh: bool = False) -> list[dict[str, Any]]:
         """Ray's records of the nodes."""
@@ -90,6 +92,7 @@ class Monitor:
                 placement.release(entry.reservation)
                 front.directory.release(entry.port, entry.id)
                 front.directory.mark_lost(entry)
+                front.events.record("lost", entry.id, node=entry.node)
                 front.forget_agent(entry.node)
                 log.warning("VM %s lost with its node %s", entry.id, entry.node)
         self._remove_strays({e.reservation for e in entries if e.reservation})

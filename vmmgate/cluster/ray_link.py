@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
@@ -102,3 +102,26 @@ def get(ref: Any, timeout: float, what: str) -> Any:
         ) from None
     except ray_errors.RayError as exc:
         raise ClusterUnavailable(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+def stream_chunks(stream: Any, timeout: float) -> Iterator[bytes]:
+    """Yield the chunks of an agent's console stream; cancel it if the client leaves."""
+    try:
+        while True:
+            ref = blocking(next, stream, None)
+            if ref is None:
+                return
+            yield get(ref, timeout, "console")
+    finally:
+        try:
+            ray.cancel(stream)
+        except Exception as exc:  # noqa: BLE001 - it may have finished already
+            log.debug("cancelling a console stream: %s", exc)
+
+
+def get_nodes() -> list[dict[str, Any]]:
+    """Return Ray's node table; ClusterUnavailable if Ray does not answer."""
+    try:
+        return blocking(ray.nodes)
+    except Exception as exc:  # any failure means the same to a client
+        raise ClusterUnavailable(f"Ray does not answer: {exc}") from exc

@@ -8,6 +8,7 @@ values of :mod:`vmmgate.model`, so a cluster front can forward each call as it i
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from vmmgate.core import lifetimes, waitfor
@@ -159,9 +160,19 @@ class Verbs:
         The clones carry the source's labels, overridden by the request's. On a
         failure after the snapshot, ForkIncomplete lists the clones made.
         """
-        if not 1 <= request.count <= MAX_FORK:
-            raise InvalidRequest(f"count must be 1 to {MAX_FORK}, not {request.count}.")
-        self.check_extras(request.extras, None)
+        check_fork(request)
+        entry, extras = self.fork_snapshot(vm_id, request)
+
+        def clone() -> CreateResponse:
+            made = self.restore(entry.cpu_snapshot_path, entry.memory_snapshot_path)
+            return self.finish(made, extras)
+
+        return make_clones(vm_id, entry, request.count, clone)
+
+    def fork_snapshot(
+        self, vm_id: str, request: ForkRequest
+    ) -> tuple[CatalogEntry, CreateExtras]:
+        """Take a fork's one snapshot; return its entry and what each clone gets."""
         record = self.records.get(vm_id)
         guard(record, Action.SNAPSHOT)
         labels = self.labels_of(vm_id) | request.extras.labels
@@ -173,18 +184,7 @@ class Verbs:
         )
         lifetimes.check(extras)  # the union of two label sets may be too many
         entry = self.snapshot_to_catalog(vm_id, request.resume, "fork")
-        clones: list[CreateResponse] = []
-        try:
-            for _ in range(request.count):
-                made = self.restore(entry.cpu_snapshot_path, entry.memory_snapshot_path)
-                clones.append(self.finish(made, extras))
-        except VmmgateError as exc:
-            log.warning(
-                "fork of %s stopped after %d clones: %s", vm_id, len(clones), exc
-            )
-            raise ForkIncomplete(exc, clones, entry) from exc
-        log.info("VM %s forked into %s", vm_id, [c.id for c in clones])
-        return ForkResult(snapshot=entry, vms=clones)
+        return entry, extras
 
     # --- time limits ------------------------------------------------------------
 
@@ -212,10 +212,7 @@ class Verbs:
 
     def events_since(self, after: int, limit: int = MAX_EVENTS) -> EventPage:
         """Return the events after id ``after`` (at most ``limit``) and the window kept."""
-        with self.registry.reading() as db:
-            events = eventlog.since(db, after, max(1, min(limit, MAX_EVENTS)))
-            first, last = eventlog.bounds(db)
-        return EventPage(events=events, first_id=first, last_id=last)
+        return event_page(self.registry, after, limit)
 
     # --- details ------------------------------------------------------------------
 
@@ -228,3 +225,34 @@ class Verbs:
             labels=dict(meta.labels) if meta else {},
             ttl=lifetimes.ttl_view(meta),
         )
+
+
+def check_fork(request: ForkRequest) -> None:
+    """Refuse a bad count, labels, time limit or wait (422) before any snapshot."""
+    if not 1 <= request.count <= MAX_FORK:
+        raise InvalidRequest(f"count must be 1 to {MAX_FORK}, not {request.count}.")
+    lifetimes.check(request.extras)
+    waitfor.check(request.extras.wait_for, None)
+
+
+def make_clones(
+    vm_id: str, entry: CatalogEntry, count: int, clone: Callable[[], CreateResponse]
+) -> ForkResult:
+    """Make ``count`` clones of ``entry`` one by one; ForkIncomplete lists those made."""
+    clones: list[CreateResponse] = []
+    try:
+        for _ in range(count):
+            clones.append(clone())
+    except VmmgateError as exc:
+        log.warning("fork of %s stopped after %d clones: %s", vm_id, len(clones), exc)
+        raise ForkIncomplete(exc, clones, entry) from exc
+    log.info("VM %s forked into %s", vm_id, [c.id for c in clones])
+    return ForkResult(snapshot=entry, vms=clones)
+
+
+def event_page(registry: Registry, after: int, limit: int = MAX_EVENTS) -> EventPage:
+    """Return the events of ``registry`` after id ``after`` and the window it keeps."""
+    with registry.reading() as db:
+        events = eventlog.since(db, after, max(1, min(limit, MAX_EVENTS)))
+        first, last = eventlog.bounds(db)
+    return EventPage(events=events, first_id=first, last_id=last)

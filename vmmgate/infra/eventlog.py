@@ -50,12 +50,22 @@ def append(
     vm_id: str | None,
     data: dict[str, Any],
     keep: int = DEFAULT_KEEP,
+    at: float | None = None,
 ) -> int:
-    """Append one event on ``db`` (inside the caller's transaction); return its id."""
+    """Append one event on ``db`` (inside the caller's transaction); return its id.
+
+    ``at`` is when it happened (now unless given: a cluster front copies a
+    node's events with their own times).
+    """
     assert type_ in EVENT_TYPES, type_
     cursor = db.execute(
         "INSERT INTO events (at, type, vm_id, data) VALUES (?, ?, ?, ?)",
-        (time.time(), type_, vm_id, json.dumps(data, sort_keys=True)),
+        (
+            time.time() if at is None else at,
+            type_,
+            vm_id,
+            json.dumps(data, sort_keys=True),
+        ),
     )
     event_id = int(cursor.lastrowid or 0)
     if event_id % TRIM_EVERY == 0:

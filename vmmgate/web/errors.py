@@ -39,7 +39,6 @@ STATUS: dict[type[domain.VmmgateError], int] = {
     domain.StateDirUnusable: 503,
     domain.NodeNotFound: 404,
     domain.ClusterUnavailable: 503,
-    domain.ClusterUnsupported: 501,
     domain.VmmStartError: 500,
     domain.VmmReadyTimeout: 504,
     domain.NoFreePort: 503,

@@ -1,11 +1,5 @@
-"""``vmmgate``: a command-line client for a running vmmgate server.
-
-Every command is one call of :mod:`vmmgate.client` (the routes of
-docs/http-api.md), so it works against any vmmgate server it can reach.
-Paths given to it are made absolute against the current directory before they
-are sent, so ``vmmgate boot var/guest/vmlinuz`` means the same file whichever
-directory the server runs in.
-"""
+"""The ``vmmgate`` command group and the original's verbs: list, show, boot,
+restore, snapshot, pause, resume, stop, console, nodes."""
 
 from __future__ import annotations
 
@@ -16,6 +10,7 @@ from typing import Any
 
 import click
 
+from vmmgate.cli import options
 from vmmgate.client import (
     DEFAULT_URL,
     Client,
@@ -38,17 +33,17 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
-def _absolute(path: str) -> str:
+def absolute(path: str) -> str:
     """Return ``path`` made absolute against the current directory."""
     return os.path.abspath(path)
 
 
-def _emit(ctx: click.Context, data: Any, text: str) -> None:
+def emit(ctx: click.Context, data: Any, text: str) -> None:
     """Print ``data`` (the server's JSON answer) with --json, else the human ``text``."""
     click.echo(json.dumps(data, indent=2) if ctx.obj["json"] else text)
 
 
-def _vm_line(vm: Vm) -> str:
+def vm_line(vm: Vm) -> str:
     """Describe a VM in one line."""
     parts = [f"VM {vm.id} {vm.state}", f"pid {vm.pid}", f"port {vm.port}"]
     if vm.ssh_port:
@@ -58,7 +53,7 @@ def _vm_line(vm: Vm) -> str:
     return ", ".join(parts)
 
 
-def _vm_details(vm: Vm) -> str:
+def vm_details(vm: Vm) -> str:
     """Describe a VM, one field per line, in the server's order."""
     lines = [f"{key}: {value}" for key, value in vm.raw.items() if key != "vmm_status"]
     for key, value in (vm.raw.get("vmm_status") or {}).items():
@@ -93,7 +88,7 @@ def main(
     http_timeout: float,
     as_json: bool,
 ) -> None:
-    """Drive a running vmmgate server: list, boot, snapshot, restore, pause, resume, stop."""
+    """Drive a running vmmgate server: boot, restore, fork, snapshot, the catalog, events, stop."""
     try:
         client = Client(
             url, token, connect_timeout=http_timeout, read_timeout=http_timeout
@@ -103,7 +98,7 @@ def main(
     ctx.obj = {"client": client, "json": as_json}
 
 
-def _client(ctx: click.Context) -> Client:
+def client_of(ctx: click.Context) -> Client:
     """Return the context's Client."""
     return ctx.obj["client"]
 
@@ -114,10 +109,15 @@ def _client(ctx: click.Context) -> Client:
     type=click.Choice(["starting", "running", "paused", "exited", "failed", "lost"]),
     help="Only VMs in this state.",
 )
+@click.option(
+    "--label", "labels", multiple=True, help="Only VMs with KEY=VALUE (repeat: all)."
+)
 @click.pass_context
-def list_vms(ctx: click.Context, state: VmState | None) -> None:
+def list_vms(
+    ctx: click.Context, state: VmState | None, labels: tuple[str, ...]
+) -> None:
     """List the VMs the server launched."""
-    vms = _client(ctx).list_vms(state)
+    vms = client_of(ctx).list_vms(state, options.parse_labels(labels))
     rows = [("ID", "STATE", "KIND", "PID", "PORT", "SSH", "MEM", "UPTIME", "EXIT")]
     for vm in vms:
         rows.append(
@@ -133,10 +133,10 @@ def list_vms(ctx: click.Context, state: VmState | None) -> None:
                 "-" if vm.exit_status is None else str(vm.exit_status),
             )
         )
-    _emit(ctx, {"vms": [vm.raw for vm in vms]}, _table(rows))
+    emit(ctx, {"vms": [vm.raw for vm in vms]}, table(rows))
 
 
-def _table(rows: list[tuple[str, ...]]) -> str:
+def table(rows: list[tuple[str, ...]]) -> str:
     """Return ``rows`` as left-aligned columns."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join(
@@ -152,16 +152,16 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 @click.pass_context
 def show(ctx: click.Context, vm_id: str) -> None:
     """Show one VM."""
-    vm = _client(ctx).get_vm(vm_id)
-    _emit(ctx, vm.raw, _vm_details(vm))
+    vm = client_of(ctx).get_vm(vm_id)
+    emit(ctx, vm.raw, vm_details(vm))
 
 
-def _created(ctx: click.Context, answer: Created) -> None:
+def created(ctx: click.Context, answer: Created) -> None:
     """Print the VM a /create made."""
     text = f"VM {answer.id}: pid {answer.pid}, port {answer.port}"
     if answer.ssh_port:
         text += f", ssh port {answer.ssh_port}"
-    _emit(ctx, answer.raw, text)
+    emit(ctx, answer.raw, text)
 
 
 @main.command()
@@ -177,6 +177,7 @@ def _created(ctx: click.Context, answer: Created) -> None:
     help="config.id: the guest gets 192.168.<200+id>.2.",
 )
 @click.option("--node", help="Cluster mode: the node to boot it on (id or prefix).")
+@options.extras_options
 @click.pass_context
 def boot(
     ctx: click.Context,
@@ -186,6 +187,7 @@ def boot(
     password: str | None,
     net_id: int,
     node: str | None,
+    **extras: Any,
 ) -> None:
     """Boot a fresh VM from KERNEL."""
     config = None
@@ -193,17 +195,21 @@ def boot(
         if user is None or password is None:
             raise click.UsageError("--user and --password go together")
         config = StarterConfig(username=user, password=password, id=net_id)
-    answer = _client(ctx).boot(
-        _absolute(kernel), tap_device=tap, config=config, node=node
+    answer = client_of(ctx).boot(
+        absolute(kernel),
+        tap_device=tap,
+        config=config,
+        node=node,
+        **options.extras(**extras),
     )
-    _created(ctx, answer)
+    created(ctx, answer)
 
 
 @main.command()
 @click.pass_context
 def nodes(ctx: click.Context) -> None:
     """List a cluster's nodes (cluster mode)."""
-    found = _client(ctx).nodes()
+    found = client_of(ctx).nodes()
     rows = [("ID", "STATE", "VMS", "MEM FREE", "SLOTS FREE")]
     for node in found:
         rows.append(
@@ -215,7 +221,7 @@ def nodes(ctx: click.Context) -> None:
                 f"{node.vm_slots_free}/{node.vm_slots_total}",
             )
         )
-    _emit(ctx, {"nodes": [node.raw for node in found]}, _table(rows))
+    emit(ctx, {"nodes": [node.raw for node in found]}, table(rows))
 
 
 @main.command()
@@ -223,15 +229,25 @@ def nodes(ctx: click.Context) -> None:
 @click.argument("memory", type=click.Path(dir_okay=False))
 @click.option("--tap", help="Host tap device (for a snapshot taken with one).")
 @click.option("--node", help="Cluster mode: the node to restore it on (id or prefix).")
+@options.extras_options
 @click.pass_context
 def restore(
-    ctx: click.Context, cpu: str, memory: str, tap: str | None, node: str | None
+    ctx: click.Context,
+    cpu: str,
+    memory: str,
+    tap: str | None,
+    node: str | None,
+    **extras: Any,
 ) -> None:
     """Restore a VM from a snapshot's CPU and MEMORY files."""
-    answer = _client(ctx).restore(
-        _absolute(cpu), _absolute(memory), tap_device=tap, node=node
+    answer = client_of(ctx).restore(
+        absolute(cpu),
+        absolute(memory),
+        tap_device=tap,
+        node=node,
+        **options.extras(**extras),
     )
-    _created(ctx, answer)
+    created(ctx, answer)
 
 
 @main.command()
@@ -249,10 +265,10 @@ def snapshot(
     ctx: click.Context, vm_id: str, cpu: str, memory: str, resume: bool
 ) -> None:
     """Snapshot VM_ID into the CPU and MEMORY files."""
-    taken = _client(ctx).snapshot_vm(
-        vm_id, _absolute(cpu), _absolute(memory), resume=resume
+    taken = client_of(ctx).snapshot_vm(
+        vm_id, absolute(cpu), absolute(memory), resume=resume
     )
-    _emit(
+    emit(
         ctx,
         taken.raw,
         f"{taken.result}: {taken.cpu_snapshot_path} + "
@@ -267,8 +283,8 @@ def _transition(name: str, help_text: str) -> None:
     @click.argument("vm_id")
     @click.pass_context
     def command(ctx: click.Context, vm_id: str) -> None:
-        vm = getattr(_client(ctx), name)(vm_id)
-        _emit(ctx, vm.raw, _vm_line(vm))
+        vm = getattr(client_of(ctx), name)(vm_id)
+        emit(ctx, vm.raw, vm_line(vm))
 
 
 _transition("pause", "Pause a running VM.")
@@ -285,8 +301,8 @@ _transition("resume", "Resume a paused VM.")
 @click.pass_context
 def stop(ctx: click.Context, vm_id: str, timeout: float | None) -> None:
     """Stop a VM and forget it."""
-    vm = _client(ctx).stop(vm_id, timeout)
-    _emit(ctx, vm.raw, _vm_line(vm))
+    vm = client_of(ctx).stop(vm_id, timeout)
+    emit(ctx, vm.raw, vm_line(vm))
 
 
 @main.command()
@@ -305,7 +321,7 @@ def console(
     ctx: click.Context, vm_id: str, tail: int | None, follow: bool, timeout: float
 ) -> None:
     """Print the VM's serial console."""
-    client, out = _client(ctx), sys.stdout.buffer
+    client, out = client_of(ctx), sys.stdout.buffer
     if not follow:
         out.write(client.console(vm_id, tail))
         out.flush()
@@ -314,7 +330,3 @@ def console(
         for chunk in stream:
             out.write(chunk)
             out.flush()
-
-
-if __name__ == "__main__":
-    main(prog_name="vmmgate")
