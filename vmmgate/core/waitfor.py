@@ -39,8 +39,8 @@ MAX_TIMEOUT_S = 600.0
 FORWARDED = (22,)
 POLL_S = 0.1
 LIVENESS_S = 1.0
-#: How long a connection to the forward may stay silent and still count as accepted.
-PROBE_S = 0.5
+#: How long a probe waits for the guest's service to speak (the SSH banner).
+PROBE_S = 2.0
 TAIL_LINES = 20
 TAIL_BYTES = 4096
 
@@ -96,9 +96,11 @@ def check(wait: WaitFor | None, tap_device: str | None) -> None:
 def port_accepts(port: int) -> bool:
     """Tell whether the forward to the guest's port is answered by the guest.
 
-    QEMU's user-mode networking accepts on the host side at once and closes
-    when the guest refuses, so a connection counts once it sends data or stays
-    open for PROBE_S.
+    QEMU's user-mode networking accepts on the host side at once, whatever
+    the guest does, and while the guest is still booting it neither accepts
+    nor refuses: a silent connection proves nothing. The one forwarded port
+    is SSH's, whose server speaks first, so the port counts once the guest's
+    side sends data (the SSH banner) within PROBE_S.
     """
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1.0) as sock:
@@ -106,7 +108,7 @@ def port_accepts(port: int) -> bool:
             try:
                 return bool(sock.recv(1))
             except TimeoutError:
-                return True
+                return False
     except OSError as exc:
         if exc.errno not in (None, errno.ECONNREFUSED, errno.ECONNRESET):
             log.info("probing port %s: %s", port, exc)
