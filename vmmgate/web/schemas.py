@@ -129,7 +129,10 @@ class WaitForSchema(BodySchema):
     tcp_port = fields.Integer(
         strict=True,
         validate=validate.Range(min=1, max=65535),
-        metadata={"description": "a guest port forwarded to the host (22: ssh_port)"},
+        metadata={
+            "description": "guest port 22 (forwarded to ssh_port): met once the "
+            "guest's SSH server sends its banner"
+        },
     )
     timeout_s = StrictNumber(
         load_default=60.0, validate=validate.Range(min=0.1, max=waitfor.MAX_TIMEOUT_S)
