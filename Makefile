@@ -4,13 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  ?= var
 
-.PHONY: run test lint bench setup cluster cluster-packages system-packages guest bytecode clean
+.PHONY: run test lint bench setup cluster cluster-packages browser-packages screenshot system-packages guest bytecode clean
 
 run: setup  ## install everything, build the demo guest, start the server (Rocket.toml address)
 	$(VENV)/bin/gunicorn -c gunicorn.conf.py
 
-test: setup cluster-packages  ## install everything (the cluster extra too), build the demo guest, run the whole test suite
+test: setup cluster-packages browser-packages  ## install everything (the cluster extra and the browser too), build the demo guest, run the whole test suite
 	$(PY) -m pytest
+
+screenshot: setup browser-packages  ## save the dashboard with a few demo VMs to screenshots/dashboard.png (git-ignored)
+	$(PY) scripts/screenshot.py
 
 NODES ?= 3
 cluster: setup cluster-packages  ## a local NODES-node Ray cluster on 127.0.0.1 and the HTTP front (docs/cluster.md)
@@ -59,6 +62,15 @@ cluster-packages: $(VENV)/.cluster-installed
 
 $(VENV)/.cluster-installed: $(VENV)/.installed requirements-cluster.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-cluster.txt
+	touch $@
+
+# The dashboard's browser tests and `make screenshot`: Debian's chromium and
+# Playwright's Python package (never its browser download); `make run` does without.
+browser-packages: $(VENV)/.browser-installed
+	scripts/install-system-packages --browser
+
+$(VENV)/.browser-installed: $(VENV)/.installed requirements-ui.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-ui.txt
 	touch $@
 
 guest: $(VENV)/.installed  ## the demo kernel + initramfs in $(STATE)/guest (no-op when up to date)

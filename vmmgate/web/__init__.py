@@ -26,6 +26,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         nodes,
         ops,
         snapshot,
+        ui,
         vms,
     )
 
@@ -48,4 +49,5 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(catalog.bp)
     app.register_blueprint(events.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(ui.bp)
     return app
