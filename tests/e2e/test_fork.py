@@ -67,6 +67,19 @@ def test_fork_with_resume_leaves_the_source_running(api: Api) -> None:
     wait_counting(clone, timeout=60)
 
 
+def test_a_fork_right_after_create_boots(api: Api) -> None:
+    """A fork the moment /create answers: the snapshot waits until the guest is
+    past the firmware that loads its kernel (a restore has no -kernel), so the
+    clone boots on and counts."""
+    source = api.boot(wait_up=False)
+    answer = api.post(f"/vms/{source.record.id}/fork", {"count": 1, "resume": True})
+    assert answer.status == 200, answer.text
+    api.snapshot_ids.append(answer.json["snapshot"]["id"])
+    clone = api.vm(answer.json["vms"][0]["id"])
+    clone.wait_counter_above(1, 60)
+    wait_counting(source)
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [

@@ -92,6 +92,8 @@ class VirtualMachine:
         self.started = time.time()
         self.snapshots_taken = 0
         self._qemu_version: str | None = None
+        #: A restored guest, or a booted one seen in its kernel (vmm/firmware.py).
+        self._past_firmware = origin.get("kind") != "kernel"
 
     @classmethod
     def boot(cls, boot: KernelBoot, memory_mib: int, vcpus: int, console_log: Path,
@@ -215,6 +217,11 @@ class VirtualMachine:
         from vmmgate.vmm import snapshot as snap
         from vmmgate.vmm.targets import check_targets
 
+        if not self._past_firmware:
+            from vmmgate.vmm import firmware
+
+            firmware.wait_for_kernel(self.machine, self.state is VmState.RUNNING)
+            self._past_firmware = True
         need = snap.size_estimate(self.machine)
         # The directories are opened (and checked) once, here, and written through
         # those descriptors: a path swapped after this point is never followed.
