@@ -214,6 +214,19 @@ class CatalogEntry:
     origin: str
 
 
+#: The VM changes the event log records (``lost`` is the cluster's: the VM's node is gone).
+EVENT_TYPES = (
+    "created",
+    "running",
+    "paused",
+    "snapshotted",
+    "exited",
+    "lost",
+    "expired",
+    "deleted",
+)
+
+
 @dataclass(frozen=True)
 class Event:
     """One VM state change, as the event log keeps it (``id`` grows by one each)."""

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
 
+from vmmgate import model
 from vmmgate.client.errors import ConnectionFailed, ResponseTimeout
 
 #: Extra seconds to wait for an answer beyond what the server was asked to wait.
@@ -15,18 +16,7 @@ GRACE_S = 30.0
 
 
 #: The event types of the stream (others, such as ``gap``, are not VM changes).
-EVENT_TYPES = frozenset(
-    (
-        "created",
-        "running",
-        "paused",
-        "snapshotted",
-        "exited",
-        "lost",
-        "expired",
-        "deleted",
-    )
-)
+EVENT_TYPES = frozenset(model.EVENT_TYPES)
 
 
 def present(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,19 +15,8 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from vmmgate.model import Event
+from vmmgate.model import EVENT_TYPES, Event
 
-#: The event types (``lost`` is the cluster's: a node that holds the VM is gone).
-EVENT_TYPES = (
-    "created",
-    "running",
-    "paused",
-    "snapshotted",
-    "exited",
-    "lost",
-    "expired",
-    "deleted",
-)
 #: How many events are kept unless the registry is told otherwise.
 DEFAULT_KEEP = 10_000
 #: The log is trimmed once every this many appends (a cheap indexed delete).
