@@ -60,6 +60,20 @@ def guest_server(base: Path, **env: str) -> Server:
     return make_server(state, base / "gunicorn.log", **env)
 
 
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[Path]:
+    """A state dir of its own (with the demo guest); its VMs are stopped at the end.
+
+    Whatever server ran last on it may be gone: the VMs are stopped from the registry.
+    """
+    require_guest()
+    path = tmp_path / "state"
+    path.mkdir()
+    (path / "guest").symlink_to(GUEST)
+    yield path
+    make_server(path, tmp_path / "cleanup.log").stop_all_vms()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """gunicorn with 2 workers on 127.0.0.1, a temporary state dir and the bundled VMM."""

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-
-import pytest
 
 from tests import vmmrpc
 from tests.e2e.conftest import (
     BOOT_TIMEOUT,
     COUNTER,
-    GUEST,
     boot_body,
     restore_body,
     snapshot_body,
@@ -24,17 +20,6 @@ from tests.e2e.test_lifecycle import error, get_vm, ok
 from tests.guestcheck import assert_restored_continues
 from tests.server import Server, make_server, wait_for
 from vmmgate.infra.procfs import is_same_process
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[Path]:
-    """A state dir of its own (with the demo guest); its VMs are stopped at the end."""
-    path = tmp_path / "state"
-    path.mkdir()
-    (path / "guest").symlink_to(GUEST)
-    yield path
-    # Whatever server ran last may be gone: stop the VMs from the registry.
-    make_server(path, tmp_path / "cleanup.log").stop_all_vms()
 
 
 def _server(state: Path, tmp_path: Path, name: str) -> Server:

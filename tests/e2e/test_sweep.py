@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,7 @@ from tests import vmmrpc
 from tests.e2e.conftest import (
     BOOT_TIMEOUT,
     COUNTER,
-    GUEST,
     boot_body,
-    require_guest,
     restore_body,
     snapshot_body,
 )
@@ -29,17 +26,6 @@ from tests.snapfiles import sha256 as digest
 from vmmgate.shared.atomic import TEMP_PREFIX
 from vmmgate.shared.errors import SnapshotFileError
 from vmmgate.shared.snapfile import verify_pair
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[Path]:
-    """A state dir of its own (with the demo guest); its VMs are stopped at the end."""
-    require_guest()
-    path = tmp_path / "state"
-    path.mkdir()
-    (path / "guest").symlink_to(GUEST)
-    yield path
-    make_server(path, tmp_path / "cleanup.log").stop_all_vms()
 
 
 def server(state: Path, snaps: Path, log: Path) -> Server:

@@ -5,13 +5,10 @@ final state stays visible; ``snapshot`` leaves a catalog entry that restores;
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.e2e.conftest import GUEST, boot_body
+from tests.e2e.conftest import boot_body
 from tests.e2e.extras import Api, error_of
 from tests.e2e.support import (
     assert_restore_continues,
@@ -113,16 +110,6 @@ def test_the_ttl_route_extends_clears_and_refuses_bad_input(api: Api) -> None:
     cleared = api.post(f"/vms/{vm.record.id}/ttl", {"ttl_s": None})
     assert cleared.status == 200 and cleared.json["ttl"] is None, cleared.text
     error_of(api.create(boot_body(ttl_s=0), status=422), 422, "ttl_s")
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Iterator[Path]:
-    """A state dir of its own; its VMs are stopped at the end."""
-    path = tmp_path / "state"
-    path.mkdir()
-    (path / "guest").symlink_to(GUEST)
-    yield path
-    make_server(path, tmp_path / "cleanup.log").stop_all_vms()
 
 
 def test_a_limit_survives_a_server_restart(state: Path, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def test_a_boot_answers_only_once_the_console_matches(api: Api) -> None:
     """The match line is on the console when the answer arrives, and not long before."""
     answer = api.create(
         {
-            **_boot(),
+            **boot_body(),
             "wait_for": {"console": r"vmmgate-guest: counter 3\b", "timeout_s": 90},
         }
     )
@@ -96,7 +96,7 @@ def test_a_timeout_is_a_504_with_the_tail_and_the_vm_kept_or_stopped(
     started = time.monotonic()
     answer = api.create(
         {
-            **_boot(),
+            **boot_body(),
             "wait_for": {
                 "console": "this line never comes",
                 "timeout_s": 5,
@@ -139,10 +139,5 @@ def test_bad_waits_are_a_422_that_starts_nothing(
 ) -> None:
     """Every bad wait is refused before anything starts."""
     live = api.live_count()
-    error_of(api.post("/create", {**_boot(), "wait_for": wait}), 422, needle)
+    error_of(api.post("/create", {**boot_body(), "wait_for": wait}), 422, needle)
     assert api.live_count() == live
-
-
-def _boot() -> dict[str, object]:
-    """The original boot body of the demo guest."""
-    return boot_body()

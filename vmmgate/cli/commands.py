@@ -109,15 +109,11 @@ def client_of(ctx: click.Context) -> Client:
     type=click.Choice(["starting", "running", "paused", "exited", "failed", "lost"]),
     help="Only VMs in this state.",
 )
-@click.option(
-    "--label", "labels", multiple=True, help="Only VMs with KEY=VALUE (repeat: all)."
-)
+@options.label_option("Only VMs with KEY=VALUE (repeat: all).")
 @click.pass_context
-def list_vms(
-    ctx: click.Context, state: VmState | None, labels: tuple[str, ...]
-) -> None:
+def list_vms(ctx: click.Context, state: VmState | None, labels: dict[str, str]) -> None:
     """List the VMs the server launched."""
-    vms = client_of(ctx).list_vms(state, options.parse_labels(labels))
+    vms = client_of(ctx).list_vms(state, labels)
     rows = [("ID", "STATE", "KIND", "PID", "PORT", "SSH", "MEM", "UPTIME", "EXIT")]
     for vm in vms:
         rows.append(
@@ -308,14 +304,7 @@ def stop(ctx: click.Context, vm_id: str, timeout: float | None) -> None:
 @main.command()
 @click.argument("vm_id")
 @click.option("--tail", type=int, help="Only the last N lines.")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new output.")
-@click.option(
-    "--timeout",
-    type=float,
-    default=300.0,
-    show_default=True,
-    help="With --follow: stop after this many seconds.",
-)
+@options.follow_options("output")
 @click.pass_context
 def console(
     ctx: click.Context, vm_id: str, tail: int | None, follow: bool, timeout: float

@@ -19,12 +19,39 @@ def parse_labels(pairs: tuple[str, ...]) -> dict[str, str]:
     return found
 
 
+def label_option(help_text: str) -> Callable[..., Any]:
+    """``--label KEY=VALUE`` (repeatable), given to the command as a dict."""
+    return click.option(
+        "--label",
+        "labels",
+        multiple=True,
+        help=help_text,
+        callback=lambda _ctx, _param, pairs: parse_labels(pairs),
+    )
+
+
+def follow_options(what: str) -> Callable[..., Any]:
+    """``-f/--follow`` (keep printing new ``what`` as it comes) and its ``--timeout``."""
+
+    def add(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option(
+            "--timeout",
+            type=float,
+            default=300.0,
+            show_default=True,
+            help="With --follow: stop after this many seconds.",
+        )(command)
+        return click.option(
+            "-f", "--follow", is_flag=True, help=f"Keep printing new {what}."
+        )(command)
+
+    return add
+
+
 def extras_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Add the options of vmmgate's additions to a create: labels, time limit, wait."""
     options = [
-        click.option(
-            "--label", "labels", multiple=True, help="KEY=VALUE (repeatable)."
-        ),
+        label_option("KEY=VALUE (repeatable)."),
         click.option("--ttl", type=float, help="Time limit in seconds."),
         click.option(
             "--on-expiry",
@@ -50,7 +77,7 @@ def extras_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def extras(
-    labels: tuple[str, ...],
+    labels: dict[str, str],
     ttl: float | None,
     on_expiry: str | None,
     wait_console: str | None,
@@ -67,7 +94,7 @@ def extras(
     }
     wait = {key: value for key, value in wait.items() if value is not None}
     return {
-        "labels": parse_labels(labels) or None,
+        "labels": labels or None,
         "ttl_s": ttl,
         "on_expiry": on_expiry,
         "wait_for": wait or None,

@@ -92,15 +92,13 @@ def snapshots() -> None:
 
 @snapshots.command("list")
 @click.option("--vm", "vm_id", help="Only the snapshots of this VM.")
-@click.option(
-    "--label", "labels", multiple=True, help="Only entries with KEY=VALUE (repeat)."
-)
+@options.label_option("Only entries with KEY=VALUE (repeat: all).")
 @click.pass_context
 def list_snapshots(
-    ctx: click.Context, vm_id: str | None, labels: tuple[str, ...]
+    ctx: click.Context, vm_id: str | None, labels: dict[str, str]
 ) -> None:
     """List the catalog, oldest first."""
-    found = client_of(ctx).snapshots(vm_id, options.parse_labels(labels))
+    found = client_of(ctx).snapshots(vm_id, labels)
     rows = [_SNAPSHOT_HEAD, *map(_snapshot_line, found)]
     emit(ctx, {"snapshots": [entry.raw for entry in found]}, table(rows))
 
@@ -146,14 +144,7 @@ def _event_line(event: Event) -> str:
 
 @main.command()
 @click.option("--since", type=int, default=0, show_default=True, help="After this id.")
-@click.option("-f", "--follow", is_flag=True, help="Keep printing new events (SSE).")
-@click.option(
-    "--timeout",
-    type=float,
-    default=300.0,
-    show_default=True,
-    help="With --follow: stop after this many seconds.",
-)
+@options.follow_options("events (SSE)")
 @click.pass_context
 def events(ctx: click.Context, since: int, follow: bool, timeout: float) -> None:
     """Print the VM state changes after id --since (and, with -f, as they happen)."""

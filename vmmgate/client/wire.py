@@ -38,16 +38,20 @@ def wait_budget(
     return max(read_timeout, times * asked + GRACE_S)
 
 
-def snapshot_path(snapshot_id: str, action: str | None = None) -> str:
-    """Return ``/snapshots/<id>[/<action>]``, the id quoted."""
-    path = "/snapshots/" + urllib.parse.quote(snapshot_id, safe="")
+def item_path(collection: str, item_id: str, action: str | None = None) -> str:
+    """Return ``/<collection>/<id>[/<action>]``, the id quoted."""
+    path = f"/{collection}/" + urllib.parse.quote(item_id, safe="")
     return f"{path}/{action}" if action else path
 
 
 def vm_path(vm_id: str, action: str | None = None) -> str:
-    """Return ``/vms/<id>[/<action>]``, the id quoted."""
-    path = "/vms/" + urllib.parse.quote(vm_id, safe="")
-    return f"{path}/{action}" if action else path
+    """Return ``/vms/<id>[/<action>]``."""
+    return item_path("vms", vm_id, action)
+
+
+def snapshot_path(snapshot_id: str, action: str | None = None) -> str:
+    """Return ``/snapshots/<id>[/<action>]``."""
+    return item_path("snapshots", snapshot_id, action)
 
 
 class ConsoleStream(AbstractContextManager["ConsoleStream"]):

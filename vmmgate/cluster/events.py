@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -72,28 +73,24 @@ class ClusterEvents:
             # The node's registry is new (its state dir was replaced): start over.
             after = 0
             page = get(agent.events_since.remote(0, BATCH), CALL_S, "events")
-        copied = 0
         with self.registry.transaction() as db:
             if self._cursor(node, db) != expected:
                 return 0  # another worker copied meanwhile: the next pull goes on
-            last = after
             for event in page.events:
-                data = {**event.data, "node": node}
                 eventlog.append(
                     db,
                     event.type,
                     event.vm_id,
-                    data,
+                    {**event.data, "node": node},
                     self.registry.events_keep,
                     at=event.time.timestamp(),
                 )
-                last, copied = event.id, copied + 1
             db.execute(
                 "INSERT INTO event_sources (node, after) VALUES (?, ?) "
                 "ON CONFLICT (node) DO UPDATE SET after = excluded.after",
-                (node, last),
+                (node, page.events[-1].id if page.events else after),
             )
-        return copied
+        return len(page.events)
 
     def _cursor(self, node: str, db: Any = None) -> int | None:
         """Return the last id of ``node`` copied, or None for a node never seen."""
@@ -121,6 +118,6 @@ class ClusterEvents:
                             log.info("no events from node %s yet: %s", node[:8], exc)
                 except Exception:  # the next round retries; the front keeps serving
                     log.exception("copying the nodes' events failed")
-                threading.Event().wait(PULL_INTERVAL_S)
+                time.sleep(PULL_INTERVAL_S)
 
         threading.Thread(target=run, name="cluster-events", daemon=True).start()

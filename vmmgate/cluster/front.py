@@ -24,7 +24,7 @@ from vmmgate.cluster import placement
 from vmmgate.cluster.agent import NodeAgent
 from vmmgate.cluster.directory import Directory, VmEntry
 from vmmgate.cluster.events import ClusterEvents
-from vmmgate.cluster.front_verbs import ClusterVerbs
+from vmmgate.cluster.front_verbs import ClusterVerbs, Labels
 from vmmgate.cluster.monitor import Monitor
 from vmmgate.cluster.ray_link import (
     AGENT_PREFIX,
@@ -55,9 +55,6 @@ from vmmgate.model import (
     VmInfo,
     VmState,
 )
-
-#: Label filters (``?label=key=value``): key and value, or key alone.
-Labels = list[tuple[str, str | None]] | tuple[()]
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from vmmgate.cluster.ray_link import CALL_MARGIN_S, get
+from vmmgate.core.labels import Filter
 from vmmgate.core.verbs import MAX_EVENTS, check_fork, event_page, make_clones
 from vmmgate.errors import SnapshotNotFound
 from vmmgate.infra.config import Settings
@@ -26,8 +27,8 @@ from vmmgate.model import (
     ForkResult,
 )
 
-#: Labels filters (``?label=key=value``): key and value, or key alone.
-Labels = list[tuple[str, str | None]] | tuple[()]
+#: Label filters (``?label=key=value``): key and value, or key alone.
+Labels = list[Filter] | tuple[()]
 #: Bound on a catalog call to one node.
 CATALOG_CALL_S = 30.0
 

@@ -66,11 +66,6 @@ class Verbs:
 
     # --- what create, fork and restore add ------------------------------------
 
-    def check_extras(self, extras: CreateExtras, tap_device: str | None) -> None:
-        """Refuse bad labels, time limit or wait (422) before anything starts."""
-        lifetimes.check(extras)
-        waitfor.check(extras.wait_for, tap_device)
-
     def finish(self, record: VmRecord, extras: CreateExtras) -> CreateResponse:
         """Attach labels and time limit to a VM just made, then wait as asked."""
         lifetimes.attach(self.registry, record.id, extras)
@@ -145,7 +140,7 @@ class Verbs:
         self, entry_id: str, extras: CreateExtras, tap_device: str | None = None
     ) -> CreateResponse:
         """Restore a VM from a catalog entry, with labels, a time limit and a wait."""
-        self.check_extras(extras, tap_device)
+        check_extras(extras, tap_device)
         entry = self.catalog.get(entry_id)
         record = self.restore(
             entry.cpu_snapshot_path, entry.memory_snapshot_path, tap_device
@@ -227,12 +222,17 @@ class Verbs:
         )
 
 
+def check_extras(extras: CreateExtras, tap_device: str | None) -> None:
+    """Refuse bad labels, time limit or wait (422) before anything starts."""
+    lifetimes.check(extras)
+    waitfor.check(extras.wait_for, tap_device)
+
+
 def check_fork(request: ForkRequest) -> None:
     """Refuse a bad count, labels, time limit or wait (422) before any snapshot."""
     if not 1 <= request.count <= MAX_FORK:
         raise InvalidRequest(f"count must be 1 to {MAX_FORK}, not {request.count}.")
-    lifetimes.check(request.extras)
-    waitfor.check(request.extras.wait_for, None)
+    check_extras(request.extras, None)
 
 
 def make_clones(

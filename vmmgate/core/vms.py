@@ -27,7 +27,7 @@ from vmmgate.core.rundir import check_state_dir
 from vmmgate.core.snapshots import SNAPSHOT_DONE, Snapshots
 from vmmgate.core.states import AFTER, Action, guard
 from vmmgate.core.sweeper import PeriodicSweeper, sweep_roots
-from vmmgate.core.verbs import Verbs
+from vmmgate.core.verbs import Verbs, check_extras
 from vmmgate.core.vminfo import SnapshotTaken, vm_info, vmm_status
 from vmmgate.errors import NodeNotFound, RemoteConflict, RpcError, UnsupportedOption
 from vmmgate.infra.config import Settings
@@ -124,7 +124,7 @@ class Vms(Verbs):
         and the answer waits for its ``wait_for``.
         """
         extras = request.extras or CreateExtras()
-        self.check_extras(extras, request.tap_device)
+        check_extras(extras, request.tap_device)
         record = self._launch(self._spec(request))
         return self.finish(record, extras)
 

@@ -20,6 +20,7 @@ const state = {
   samples: [],
   lastTotals: null,
   started: false,
+  oneHost: false, // GET /nodes answered 404: no nodes to poll
 };
 
 const $ = (id) => document.getElementById(id);
@@ -400,6 +401,7 @@ function renderCatalog(entries) {
 // --- nodes, health, figures ------------------------------------------------
 
 async function refreshNodes() {
+  if (state.oneHost) return;
   try {
     const answer = await api("GET", "/nodes");
     const body = $("nodes").tBodies[0];
@@ -418,7 +420,8 @@ async function refreshNodes() {
     }
     $("nodes-section").hidden = false;
   } catch (error) {
-    $("nodes-section").hidden = true; // one host: no nodes (404)
+    $("nodes-section").hidden = true;
+    if (error.status === 404) state.oneHost = true; // a single host has no nodes
   }
 }
 
@@ -560,8 +563,9 @@ async function followEvents() {
 }
 
 async function start() {
+  let first;
   try {
-    await api("GET", "/vms");
+    first = await api("GET", "/vms");
   } catch (error) {
     if (error.status !== 401) {
       text($("signin-error"), error.description || String(error));
@@ -574,7 +578,8 @@ async function start() {
   $("signout").hidden = !state.token;
   if (state.started) return;
   state.started = true;
-  refreshVms();
+  state.vms = first.vms;
+  renderVms();
   refreshCatalog();
   refreshNodes();
   refreshHealth();
