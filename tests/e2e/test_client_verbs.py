@@ -96,6 +96,7 @@ def test_the_cli_drives_every_addition(api: Api) -> None:
     api.vm_ids.append(booted["id"])
     found = as_json(server, "list", "--label", "team=green")
     assert [vm["id"] for vm in found["vms"]] == [booted["id"]]
+    assert as_json(server, "list", "--label", "team=nobody")["vms"] == []
     bad = vmmgate(server, "boot", KERNEL, "--label", "novalue", check=False)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     forked = as_json(server, "fork", booted["id"], "--count", "1", "--label", "r=c")
@@ -108,6 +109,9 @@ def test_the_cli_drives_every_addition(api: Api) -> None:
     entry = forked["snapshot"]["id"]
     table = vmmgate(server, "snapshots", "list", "--vm", booted["id"]).stdout
     assert entry in table and "fork" in table
+    assert as_json(server, "snapshots", "list", "--vm", "0123456789ab") == {
+        "snapshots": []
+    }
     assert as_json(server, "snapshots", "show", entry)["vm_id"] == booted["id"]
     restored = as_json(server, "snapshots", "restore", entry, "--label", "x=y")
     api.vm_ids.append(restored["id"])
