@@ -127,6 +127,12 @@ def test_a_limit_survives_a_server_restart(state: Path, tmp_path: Path) -> None:
     with second.running():
         details: dict[str, Any] = second.request("GET", f"/vms/{vm_id}").json
         assert details["state"] == "running" and details["ttl"]["expires_at"]
+        # The event log is in the registry too: the first server's events are kept.
+        kept = second.request("GET", "/events?since=0").json["events"]
+        assert [e["type"] for e in kept if e["vm_id"] == vm_id][:2] == [
+            "created",
+            "running",
+        ]
         wait_for(
             lambda: second.request("GET", f"/vms/{vm_id}").json["state"] == "exited",
             30,

@@ -75,7 +75,10 @@ def row_state(page: Page, vm_id: str) -> str:
 
 def test_a_booted_vm_appears_and_its_console_counts(api: Api, page: Page) -> None:
     """Booted through the API: listed by the page (no reload), its console
-    follows the guest's counter live, and the figures count it."""
+    follows the guest's counter live, and the figures count it. The page asks
+    nothing of any other origin."""
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     open_ui(page, api.server)
     vm = api.boot(wait_up=False)
     expect(page.locator(f'tr[data-vm="{vm.record.id}"]')).to_be_visible(timeout=SHOWN_S)
@@ -85,6 +88,8 @@ def test_a_booted_vm_appears_and_its_console_counts(api: Api, page: Page) -> Non
     page_counter_above(page, first + 2)  # live: it goes on without a reload
     expect(page.locator("#figures")).to_contain_text("VMs running")
     expect(page.locator("#health")).to_have_text("health: ok")
+    origin = f"http://127.0.0.1:{api.server.port}/"
+    assert requested and all(url.startswith(origin) for url in requested), requested
 
 
 def test_pause_stops_the_console_and_resume_starts_it(api: Api, page: Page) -> None:
