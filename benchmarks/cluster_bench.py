@@ -107,6 +107,7 @@ def main() -> None:
     single = bench_server(**env)
     cluster = LocalCluster(snaps.parent / (snaps.name + "-nodes"), node_env=env)
     front: Server | None = None
+    work: Path | None = None
     results: dict[str, dict[str, list[float]]] = {
         label: {"restore": [], "snapshot": []} for label in ("one host", "cluster")
     }
@@ -161,8 +162,10 @@ def main() -> None:
         if single.registry.path.exists():
             single.stop_all_vms()
         single.stop()
-        shutil.rmtree(single.state.parent, ignore_errors=True)
-        shutil.rmtree(snaps, ignore_errors=True)
+        # Every directory the run made: the host's, the nodes', the front's, the pairs.
+        for path in (single.state.parent, cluster.base, work, snaps):
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
     med = statistics.median
     print(
         f"\n256 MiB guest, median of {args.runs} runs, ms (3 local nodes on this host)"
